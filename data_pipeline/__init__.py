@@ -1,0 +1,1 @@
+"""Data stage: importers for public formats, the canonical sharded Parquet dataset, and the streaming reader."""

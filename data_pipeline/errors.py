@@ -1,0 +1,16 @@
+"""The one error type for bad input data: names the file, the row or line, and the field."""
+
+from __future__ import annotations
+
+
+class DataError(Exception):
+    """Bad input. The CLI prints it as one line and exits non-zero; nothing partial is written."""
+
+    def __init__(self, file: str, message: str, row: int | str | None = None, field: str | None = None):
+        self.file, self.row, self.field, self.message = file, row, field, message
+        where = file
+        if row is not None:
+            where += f", row {row}" if isinstance(row, int) else f", {row}"
+        if field is not None:
+            where += f", field '{field}'"
+        super().__init__(f"{where}: {message}")

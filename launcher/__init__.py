@@ -1,0 +1,1 @@
+"""Entry points: the `recllm` CLI, the composed config, and the stage pipeline."""
