@@ -90,6 +90,11 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
 class StagedFolder:
     """Files written under a hidden temporary folder, renamed to ``final`` only on ``publish()``.
 
@@ -116,6 +121,12 @@ class StagedFolder:
         self.write_bytes(rel, parquet_bytes(table, row_group_size), rows=table.num_rows)
 
     def publish(self) -> None:
+        if _is_local(self.fs):
+            self._publish_by_rename()
+        else:
+            self._publish_by_copy()
+
+    def _publish_by_rename(self) -> None:
         old = None
         if self.fs.exists(self.final_path):
             old = self.final_path + f".old-{uuid.uuid4().hex[:8]}"
@@ -123,6 +134,15 @@ class StagedFolder:
         self.fs.mv(self.tmp_path, self.final_path, recursive=True)
         if old:
             self.fs.rm(old, recursive=True)
+
+    def _publish_by_copy(self) -> None:
+        """Object stores have no rename: copy file by file, manifest.json last (readers wait for it)."""
+        if self.fs.exists(self.final_path):
+            self.fs.rm(self.final_path, recursive=True)
+        rels = sorted(self.files, key=lambda r: r == "manifest.json")
+        for rel in rels:
+            self.fs.copy(posixpath.join(self.tmp_path, rel), posixpath.join(self.final_path, rel))
+        self.fs.rm(self.tmp_path, recursive=True)
 
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -130,7 +130,12 @@ def _build(cls: type, data: dict, where: str, problems: list[str]) -> Any:
     for f in dataclasses.fields(cls):
         if f.name in data:
             path = f"{where + '.' if where else ''}{f.name}"
-            kwargs[f.name] = _coerce(data[f.name], hints[f.name], path, problems)
+            sub: list[str] = []
+            value = _coerce(data[f.name], hints[f.name], path, sub)
+            problems += sub
+            # A bad scalar keeps its default so check() does not report it twice; a section keeps what it built.
+            if not sub or (value is not None and dataclasses.is_dataclass(value)):
+                kwargs[f.name] = value
     try:
         obj = cls(**kwargs)
     except TypeError as exc:
