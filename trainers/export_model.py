@@ -1,0 +1,49 @@
+"""Turn the latest training checkpoint into `run_dir/model/`: a Hugging Face folder (safetensors, with the
+tokenizer and its added tokens) that inference loads with `from_pretrained`. LoRA runs also keep the PEFT
+adapter; the merged model is what inference uses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from data_pipeline import storage
+
+log = logging.getLogger("recllm.train")
+
+MODEL_INFO = "recllm_model.json"
+
+
+def export_checkpoint(cfg, checkpoint_dir: str | Path, new_tokens: list[str], token_texts=None,
+                      out_uri: str | None = None) -> str:
+    from trainers.deepspeed_engine import load_weights
+    from trainers.lora_adapters import apply_lora
+    from trainers.models import build_model
+
+    checkpoint_dir = Path(checkpoint_dir)
+    state = json.loads((checkpoint_dir / "trainer_state.json").read_text())
+    model, tokenizer = build_model(cfg.model, new_tokens, token_texts=token_texts, seed=cfg.seed)
+    lora = state["lora"]
+    if lora:
+        t = cfg.train
+        new_ids = tokenizer.convert_tokens_to_ids(new_tokens) if new_tokens else []
+        model = apply_lora(model, new_ids, t.lora_r, t.lora_alpha, t.lora_dropout, t.lora_target_modules)
+    load_weights(model, checkpoint_dir / "model" / "weights.safetensors", trainable_only=lora)
+    out_uri = out_uri or storage.join(cfg.run_dir, "model")
+    with storage.staged_folder(out_uri) as staged:
+        local = Path(staged.tmp_path) if "://" not in out_uri else None
+        if local is None:
+            raise ValueError("model export to object storage: export locally and upload the folder")
+        if lora:
+            model.save_pretrained(str(local / "adapter"))
+            model = model.merge_and_unload()
+        model.save_pretrained(str(local), safe_serialization=True)
+        tokenizer.save_pretrained(str(local))
+        info = {"step": state["step"], "size": cfg.model.size, "finetune": "lora" if lora else "full",
+                "new_tokens": len(new_tokens), "vocab_size": model.config.vocab_size}
+        (local / MODEL_INFO).write_text(json.dumps(info, indent=2))
+        staged.files = {p.relative_to(local).as_posix(): {} for p in local.rglob("*") if p.is_file()}
+    log.info("exported step %d to %s", state["step"], out_uri)
+    return out_uri

@@ -1,0 +1,143 @@
+"""`recllm plan`: a dry run of `recllm train`. Counts parameters of the configured model on the meta device
+(vocabulary extension included), then estimates memory per GPU for weights, gradients, optimizer state and
+activations under the chosen ZeRO stage and cluster shape. Needs no GPU and starts nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GIB = 1024 ** 3
+CUDA_CONTEXT_BYTES = 1.5 * GIB
+"""CUDA context, NCCL buffers and kernels' workspace, per GPU."""
+FRAGMENTATION = 1.10
+"""Allocator slack on top of the live bytes."""
+
+
+class PlanError(ValueError):
+    """The configured run cannot fit; the message says what to change."""
+
+
+@dataclass
+class MemoryPlan:
+    size: str
+    world_size: int
+    nodes: int
+    zero_stage: int
+    dtype_bytes: int
+    total_params: int
+    trainable_params: int
+    new_tokens: int
+    tokens_per_micro_batch: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    overhead: float
+    gpu_memory: float
+
+    @property
+    def total(self) -> float:
+        live = self.weights + self.gradients + self.optimizer + self.activations + self.logits
+        return live * FRAGMENTATION + self.overhead
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_memory
+
+    def table(self) -> str:
+        rows = [("parameters (weights)", self.weights), ("gradients", self.gradients),
+                ("optimizer state (fp32 master + Adam m, v)", self.optimizer), ("activations", self.activations),
+                ("logits + their gradient (fp32)", self.logits),
+                (f"CUDA context + {int((FRAGMENTATION - 1) * 100)}% allocator slack",
+                 self.overhead + (self.total - self.overhead) * (1 - 1 / FRAGMENTATION)),
+                ("total per GPU", self.total), ("GPU memory", self.gpu_memory)]
+        head = (f"model {self.size}: {self.total_params:,} parameters ({self.trainable_params:,} trainable, "
+                f"{self.new_tokens:,} new tokens); {self.world_size} GPUs on {self.nodes} node(s), ZeRO-{self.zero_stage}, "
+                f"{'bf16' if self.dtype_bytes == 2 else 'fp32'}, {self.tokens_per_micro_batch:,} tokens per micro-batch")
+        lines = [head] + [f"  {name:48s} {value / GIB:9.2f} GiB" for name, value in rows]
+        lines.append(f"  {'fits' if self.fits else 'DOES NOT FIT'}")
+        return "\n".join(lines)
+
+
+def meta_model(cfg, new_tokens: int):
+    """The configured architecture on the meta device with ``new_tokens`` more vocabulary rows."""
+    from transformers import LlamaForCausalLM
+
+    from trainers import models
+
+    shapes = {"llama2_7b": models.LLAMA2_7B, "llama2_13b": models.LLAMA2_13B, "smollm2_135m": models.SMOLLM2_135M}
+    if cfg.model.size == "tiny":
+        t = cfg.model.tiny
+        vocab = len(json.loads((models.TINY_TOKENIZER_DIR / "tokenizer.json").read_text())["model"]["vocab"])
+        shape = models.LlamaShape(t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads, t.intermediate_size,
+                                  vocab, t.max_position_embeddings, t.tie_embeddings)
+    else:
+        shape = shapes[cfg.model.size]
+    import dataclasses
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(dataclasses.replace(shape, vocab_size=shape.vocab_size + new_tokens).llama_config())
+    return model, shape
+
+
+def trainable_count(model, shape, cfg, new_tokens: int) -> int:
+    t = cfg.train
+    if t.finetune == "full":
+        return sum(p.numel() for p in model.parameters())
+    lora = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in t.lora_target_modules:
+            lora += t.lora_r * (module.in_features + module.out_features)
+    rows = new_tokens * shape.hidden_size * (1 if shape.tie_embeddings else 2)
+    return lora + rows
+
+
+def plan_memory(cfg, new_tokens: int) -> MemoryPlan:
+    from trainers.deepspeed_engine import deepspeed_config, zero_stage
+
+    t = cfg.train
+    repo = Path(__file__).resolve().parents[1]
+    ds_path = Path(t.deepspeed_config) if Path(t.deepspeed_config).is_absolute() else repo / t.deepspeed_config
+    stage = zero_stage(deepspeed_config(t, str(ds_path), bf16=t.use_gpu))
+    model, shape = meta_model(cfg, new_tokens)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = trainable_count(model, shape, cfg, new_tokens)
+    n = t.num_workers
+    b = 2 if (t.use_gpu or cfg.model.dtype in ("bfloat16", "float16")) else 4
+    weights = total * b / (n if stage >= 3 else 1)
+    gradients = trainable * b / (n if stage >= 2 else 1)
+    optimizer = trainable * 12 / (n if stage >= 1 else 1)
+    tokens = t.micro_batch_size * t.seq_len
+    h, layers = shape.hidden_size, shape.num_layers
+    # Korthikanti et al. 2022 without the attention-score term (SDPA / flash keep no s x s matrix):
+    # ~34 h bytes per token per layer in 16-bit; checkpointing keeps one layer's input per layer plus one layer.
+    per_layer = 34 * h * tokens * b / 2
+    activations = (2 * h * tokens * b / 2) * layers + per_layer if t.gradient_checkpointing else per_layer * layers
+    logits = tokens * (shape.vocab_size + new_tokens) * 4 * 2
+    return MemoryPlan(cfg.model.size, n, math.ceil(n / t.gpus_per_node), stage, b, total, trainable, new_tokens,
+                      tokens, weights, gradients, optimizer, activations, logits, CUDA_CONTEXT_BYTES,
+                      t.gpu_memory_gb * GIB)
+
+
+def check_plan(plan: MemoryPlan, cfg) -> None:
+    if plan.fits:
+        return
+    hints = []
+    if plan.zero_stage < 3:
+        hints.append("train.deepspeed_config=configs/deepspeed/zero3.json")
+    if not cfg.train.gradient_checkpointing:
+        hints.append("train.gradient_checkpointing=true")
+    if cfg.train.micro_batch_size > 1:
+        hints.append(f"train.micro_batch_size={max(1, cfg.train.micro_batch_size // 2)}")
+    if cfg.train.finetune == "full":
+        hints.append("train.finetune=lora")
+    hints.append("more GPUs (train.num_workers)")
+    raise PlanError(f"does not fit: {plan.total / GIB:.1f} GiB per GPU needed, {plan.gpu_memory / GIB:.0f} GiB "
+                    f"available (train.gpu_memory_gb). Try: {', '.join(hints)}")

@@ -1,0 +1,248 @@
+"""The loop each Ray Train worker runs for `recllm train`: build the model with the new tokens, wrap it in
+DeepSpeed, stream this worker's samples (tokenised inside Ray Data), pack them, train, report metrics and
+checkpoints to Ray, and resume exactly (weights, optimizer, schedule, loader position) after a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from trainers.packing import Packer, TokenizedSample, tokenize_sample
+from trainers.sft_objective import packed_lm_loss
+
+log = logging.getLogger("recllm.train")
+
+SAMPLE_COLUMNS = ["sample_id", "task", "prompt", "response"]
+
+
+def tokenizing_transform(tokenizer, tasks: list[str], seq_len: int):
+    """A Ray Data map function: sample rows -> token ids (one output row per input row)."""
+    task_index = {t: i for i, t in enumerate(tasks)}
+
+    def transform(table: pa.Table) -> pa.Table:
+        ids, prompt_lens = [], []
+        for prompt, response in zip(table.column("prompt").to_pylist(), table.column("response").to_pylist()):
+            tokens, n_prompt = tokenize_sample(tokenizer, prompt, response, seq_len)
+            ids.append(tokens)
+            prompt_lens.append(n_prompt)
+        return pa.table({"sample_id": table.column("sample_id"),
+                         "task": pa.array([task_index[t] for t in table.column("task").to_pylist()], pa.int32()),
+                         "input_ids": pa.array(ids, pa.list_(pa.int32())),
+                         "prompt_len": pa.array(prompt_lens, pa.int32())})
+
+    return transform
+
+
+class SampleFeed:
+    """This worker's endless sample stream (epochs repeat) feeding the packer; resumable."""
+
+    def __init__(self, stream, packer: Packer):
+        self.stream, self.packer = stream, packer
+        self._iter = None
+
+    def state_dict(self) -> dict:
+        return {"stream": self.stream.state_dict(), "packer": self.packer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.packer.load_state_dict(state["packer"])
+
+    def _next_table(self) -> pa.Table:
+        for _ in range(2):
+            if self._iter is None:
+                self._iter = iter(self.stream)
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self._iter = None
+                self.stream.set_epoch(self.stream.epoch + 1)
+        raise RuntimeError("the sample stream is empty for this worker (fewer samples than workers?)")
+
+    def next_batch(self):
+        while self.packer.need():
+            table = self._next_table()
+            self.packer.add(TokenizedSample(int(s), int(t), ids, int(p)) for s, t, ids, p in zip(
+                table.column("sample_id").to_pylist(), table.column("task").to_pylist(),
+                table.column("input_ids").to_pylist(), table.column("prompt_len").to_pylist()))
+        return self.packer.build()
+
+
+def _fault_injection(step: int, rank: int, fault: dict) -> None:
+    """Tests kill a worker mid-run: RECLLM_FAULT_AT_STEP=N (set where `recllm train` runs) kills rank 1 once,
+    before step N+1; the file RECLLM_FAULT_MARKER remembers it happened."""
+    at, marker = fault.get("RECLLM_FAULT_AT_STEP"), fault.get("RECLLM_FAULT_MARKER")
+    if at and marker and step == int(at) and rank == 1 and not os.path.exists(marker):
+        Path(marker).write_text(f"killed rank {rank} at step {step}\n")
+        log.warning("fault injection: killing rank %d at step %d", rank, step)
+        os._exit(1)
+
+
+def _flops_per_token(model) -> float:
+    n = sum(p.numel() for p in model.parameters())
+    return 6.0 * n
+
+
+def _peak_flops(cfg) -> float:
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if not torch.cuda.is_available():
+        return 0.0
+    name = torch.cuda.get_device_name()
+    for key, tflops in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40", 181.0), ("A10", 125.0)):
+        if key in name:
+            return tflops * 1e12
+    return 0.0
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    from trainers import deepspeed_engine as dse
+
+    dse.configure_cpu_accelerator()
+    from data_pipeline.streaming_reader import ShardedParquetStream
+    from trainers.lora_adapters import apply_lora
+    from trainers.metrics_logger import MetricsLogger
+    from trainers.models import build_model
+
+    cfg = config["cfg"]
+    tcfg = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    torch.manual_seed(cfg.seed)
+    device = f"cuda:{ctx.get_local_rank()}" if tcfg.use_gpu else "cpu"
+    if tcfg.use_gpu:
+        torch.cuda.set_device(device)
+    run_dir = Path(config["run_dir"])
+    new_tokens = config["new_tokens"]
+
+    model, tokenizer = build_model(cfg.model, new_tokens, token_texts=config.get("token_texts"), device="cpu",
+                                   seed=cfg.seed)
+    new_ids = tokenizer.convert_tokens_to_ids(new_tokens) if new_tokens else []
+    lora = tcfg.finetune == "lora"
+    if lora:
+        model = apply_lora(model, new_ids, tcfg.lora_r, tcfg.lora_alpha, tcfg.lora_dropout, tcfg.lora_target_modules)
+    if tcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if lora:
+            model.enable_input_require_grads()
+
+    checkpoint = ray.train.get_checkpoint()
+    trainer_state: dict = {"step": 0}
+    ckpt_dir_ctx = checkpoint.as_directory() if checkpoint else None
+    ckpt_dir = Path(ckpt_dir_ctx.__enter__()) if ckpt_dir_ctx else None
+    if ckpt_dir:
+        trainer_state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+        dse.load_weights(model, ckpt_dir / "model" / "weights.safetensors", trainable_only=lora)
+        log.info("resuming from %s at step %d", ckpt_dir, trainer_state["step"])
+
+    ds_config = dse.deepspeed_config(tcfg, config["deepspeed_config"], bf16=tcfg.use_gpu)
+    engine, optimizer, scheduler = dse.wrap_model(model, tcfg, ds_config)
+
+    tasks = config["tasks"]
+    stream = ShardedParquetStream(str(run_dir / "samples" / "train"), rank, world, batch_size=64, seed=cfg.seed,
+                                  columns=SAMPLE_COLUMNS,
+                                  transform=tokenizing_transform(tokenizer, tasks, tcfg.seq_len))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    feed = SampleFeed(stream, Packer(tcfg.seq_len, tcfg.micro_batch_size, pad_id, tcfg.packing_lookahead,
+                                     tcfg.packing))
+    if ckpt_dir:
+        dse.load_optimizer(engine, scheduler, ckpt_dir / "optimizer" / f"rank-{rank}")
+        feed.load_state_dict(json.loads((ckpt_dir / "loader" / f"rank-{rank}.json").read_text()))
+        ckpt_dir_ctx.__exit__(None, None, None)
+
+    metrics_log = MetricsLogger(run_dir / "train" / "logs", enabled=rank == 0)
+    seen_log = None
+    if tcfg.record_samples:
+        (run_dir / "train" / "samples_seen").mkdir(parents=True, exist_ok=True)
+        seen_log = open(run_dir / "train" / "samples_seen" / f"rank-{rank}.jsonl", "a")
+    flops_token, peak = _flops_per_token(engine.module), _peak_flops(tcfg)
+    progress = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=tcfg.max_steps, initial=trainer_state["step"], desc="train", unit="step")
+
+    window = {"loss": 0.0, "tokens": 0, "slots": 0, "time": 0.0, "steps": 0}
+    task_window = np.zeros((len(tasks), 2))
+    step = trainer_state["step"]
+    engine.train()
+    while step < tcfg.max_steps:
+        _fault_injection(step, rank, config.get("fault", {}))
+        t0 = time.perf_counter()
+        step_ids: list[int] = []
+        for _ in range(tcfg.gradient_accumulation_steps):
+            batch = feed.next_batch()
+            out = engine(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                         use_cache=False)
+            loss, per_task = packed_lm_loss(out.logits, batch.labels.to(device), batch.task_ids.to(device),
+                                            len(tasks))
+            engine.backward(loss)
+            engine.step()
+            window["loss"] += loss.item() / tcfg.gradient_accumulation_steps
+            window["tokens"] += batch.real_tokens
+            window["slots"] += batch.input_ids.numel()
+            task_window += per_task
+            step_ids += batch.sample_ids
+        step += 1
+        window["time"] += time.perf_counter() - t0
+        window["steps"] += 1
+        if seen_log:
+            seen_log.write(json.dumps({"step": step, "sample_ids": step_ids}) + "\n")
+            seen_log.flush()
+        if progress:
+            progress.update(1)
+        is_log = step % tcfg.log_every == 0 or step == tcfg.max_steps
+        is_ckpt = (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or step == tcfg.max_steps
+        if not (is_log or is_ckpt):
+            continue
+        tokens_per_s = window["tokens"] * world / max(window["time"], 1e-9)
+        metrics = {"step": step, "loss": window["loss"] / window["steps"], "tokens_per_s": tokens_per_s,
+                   "packing_efficiency": window["tokens"] / max(window["slots"], 1),
+                   "lr": scheduler.get_last_lr()[0], "epoch": feed.stream.epoch}
+        for i, task in enumerate(tasks):
+            if task_window[i, 1]:
+                metrics[f"loss/{task}"] = task_window[i, 0] / task_window[i, 1]
+        if peak:
+            metrics["mfu"] = tokens_per_s * flops_token / (peak * world)
+        metrics_log.log(step, {k: v for k, v in metrics.items() if k != "step"})
+        window = {k: 0.0 if k != "steps" else 0 for k in window}
+        task_window[:] = 0
+        if is_ckpt:
+            _report_with_checkpoint(engine, scheduler, feed, step, rank, lora, tokenizer, metrics, dse)
+        else:
+            ray.train.report(metrics)
+    if progress:
+        progress.close()
+    digest = dse.param_digest(engine)  # collective under ZeRO-3
+    (run_dir / "train" / "param_digest").mkdir(parents=True, exist_ok=True)
+    (run_dir / "train" / "param_digest" / f"rank-{rank}.txt").write_text(digest)
+    metrics_log.close()
+    if seen_log:
+        seen_log.close()
+
+
+def _report_with_checkpoint(engine, scheduler, feed, step, rank, lora, tokenizer, metrics, dse) -> None:
+    import ray.train
+
+    weights = dse.gathered_state(engine, trainable_only=lora)  # collective under ZeRO-3: every rank calls it
+    with tempfile.TemporaryDirectory(prefix="recllm-ckpt-") as tmp:
+        tmp = Path(tmp)
+        dse.save_optimizer(engine, scheduler, tmp / "optimizer" / f"rank-{rank}")
+        (tmp / "loader").mkdir()
+        (tmp / "loader" / f"rank-{rank}.json").write_text(json.dumps(feed.state_dict()))
+        if rank == 0:
+            dse.save_weights(weights, tmp / "model" / "weights.safetensors")
+            tokenizer.save_pretrained(tmp / "model" / "tokenizer")
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "lora": lora}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
