@@ -1,0 +1,31 @@
+"""The atomic scheme (CLLM4Rec): one new LM token per item, <item_123>, and per user, <user_45> (dense IDs).
+
+Nothing is learned here; the LM learns the new embeddings during fine-tuning.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from data_pipeline.item_ids.item_codes import USER_CODES_FILE, BuiltIds, item_codes_table
+
+
+def item_token(item_id: int) -> str:
+    return f"<item_{item_id}>"
+
+
+def user_token(user_id: int) -> str:
+    return f"<user_{user_id}>"
+
+
+def build_atomic_ids(items: pa.Table, users: pa.Table) -> BuiltIds:
+    item_ids = items.column("item_id").to_pylist()
+    user_ids = users.column("user_id").to_pylist()
+    item_tokens = [item_token(i) for i in item_ids]
+    user_tokens = [user_token(u) for u in user_ids]
+    table = item_codes_table(items, [[i] for i in item_ids], [[t] for t in item_tokens])
+    user_table = pa.table({"user_id": users.column("user_id").cast(pa.int64()),
+                           "source_id": users.column("source_id").cast(pa.string()),
+                           "token": pa.array(user_tokens, pa.string())})
+    stats = {"item_tokens": len(item_tokens), "user_tokens": len(user_tokens)}
+    return BuiltIds(table, item_tokens + user_tokens, stats, tables={USER_CODES_FILE: user_table})

@@ -1,0 +1,161 @@
+"""Stage 2 of the flow: run_dir/dataset/ -> run_dir/item_ids/ (how the LM names every item).
+
+Picks the scheme, gathers its inputs (SASRec embeddings and LM text targets for semantic, the tokenizer for
+subtoken, the index file for precomputed) and writes item_codes.parquet, tokens.json, stats.json and, for
+semantic, codebook.safetensors through one staged folder, so a failed run leaves no item_ids/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import time
+
+import numpy as np
+import pyarrow as pa
+import safetensors.torch
+
+from data_pipeline import storage
+from data_pipeline.errors import DataError
+from data_pipeline.item_ids.atomic_ids import build_atomic_ids
+from data_pipeline.item_ids.config import IdsConfig
+from data_pipeline.item_ids.item_codes import (CODEBOOK_FILE, ITEM_CODES_FILE, STATS_FILE, TOKENS_FILE, BuiltIds,
+                                              read_item_codes)
+from data_pipeline.item_ids.llm_text_targets import (TextEmbedder, TextTargetsUnavailable, item_texts,
+                                                    lm_text_embedder)
+from data_pipeline.item_ids.precomputed_ids import build_precomputed_ids, index_path_from_manifest
+from data_pipeline.item_ids.subtoken_ids import build_subtoken_ids
+
+log = logging.getLogger("recllm.item_ids")
+
+
+def load_codebook(item_ids_dir: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of an item_ids/ folder's codebook.safetensors (local or s3://)."""
+    uri = storage.join(item_ids_dir, CODEBOOK_FILE)
+    data = storage.read_bytes(uri)
+    (header_len,) = struct.unpack("<Q", data[:8])
+    metadata = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+    return safetensors.torch.load(data), metadata
+
+
+def _text_targets(ids: IdsConfig, items: pa.Table, manifest: dict, model_cfg, text_embedder: TextEmbedder | None
+                  ) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
+    """LLM-alignment targets, or None with the reason it is off."""
+    option = {"requested": ids.llm_alignment, "used": False, "weight": ids.llm_alignment_weight}
+    texts = item_texts(items)
+    has_text = np.array([t is not None for t in texts])
+    if not ids.llm_alignment:
+        return None, None, {**option, "note": "off: ids.llm_alignment=false"}
+    if not manifest.get("has_text") or not has_text.any():
+        log.info("LLM alignment skipped: the dataset has no item text; codes come from behaviour alone")
+        return None, None, {**option, "note": "skipped: the dataset has no item text"}
+    if text_embedder is None and model_cfg is None:
+        log.info("LLM alignment skipped: no model config to take input embeddings from")
+        return None, None, {**option, "note": "skipped: no model config"}
+    embed = text_embedder or lm_text_embedder(model_cfg, ids.llm_alignment_max_tokens)
+    start = time.perf_counter()
+    try:
+        present = np.asarray(embed([t for t in texts if t is not None]), np.float32)
+    except TextTargetsUnavailable as exc:
+        log.info("LLM alignment skipped: %s", exc)
+        return None, None, {**option, "note": f"skipped: {exc}"}
+    targets = np.zeros((len(texts), present.shape[1]), np.float32)
+    targets[has_text] = present
+    option.update(used=True, items_with_text=int(has_text.sum()), target_dim=int(present.shape[1]),
+                  seconds=round(time.perf_counter() - start, 2),
+                  note="on: projected code prefixes pulled toward the LM's mean input embedding of title+description")
+    return targets, has_text, option
+
+
+def _semantic(ids: IdsConfig, dataset_dir: str, items: pa.Table, manifest: dict, seed: int, model_cfg,
+              item_embeddings: np.ndarray | None, text_embedder: TextEmbedder | None) -> BuiltIds:
+    from data_pipeline.item_ids.semantic_ids import build_semantic_ids, collaborative_embeddings
+
+    if item_embeddings is None:
+        item_embeddings, embedding_info = collaborative_embeddings(dataset_dir, ids.sasrec, seed)
+    else:
+        embedding_info = {"source": "given", "hidden_size": int(np.shape(item_embeddings)[1])}
+    targets, mask, llm_option = _text_targets(ids, items, manifest, model_cfg, text_embedder)
+    built = build_semantic_ids(items, item_embeddings, ids, seed, targets, mask)
+    built.stats["options"] = {"llm_alignment": llm_option, "item_embeddings": embedding_info,
+                              **{k: getattr(ids, k) for k in ("latent_dim", "hidden_dim", "epochs", "batch_size",
+                                                              "lr", "kmeans_sample", "commitment_weight")}}
+    return built
+
+
+def _assign_only(ids: IdsConfig, run_dir: str, dataset_dir: str, items: pa.Table, seed: int,
+                 item_embeddings: np.ndarray | None) -> BuiltIds:
+    from data_pipeline.item_ids.semantic_ids import assign_new_items, collaborative_embeddings
+
+    source = ids.assign_from or storage.join(run_dir, "item_ids")
+    stats_uri = storage.join(source, STATS_FILE)
+    if not storage.exists(stats_uri):
+        raise DataError(source, "no item_ids/ to assign from; build one first or set ids.assign_from")
+    scheme = json.loads(storage.read_text(stats_uri)).get("scheme")
+    if scheme != "semantic":
+        raise DataError(source, f"assign_only needs a semantic item_ids/ (with a codebook), found scheme {scheme!r}")
+    if item_embeddings is None:
+        item_embeddings, embedding_info = collaborative_embeddings(dataset_dir, ids.sasrec, seed)
+    else:
+        embedding_info = {"source": "given"}
+    built = assign_new_items(items, item_embeddings, read_item_codes(source), load_codebook(source))
+    built.stats["options"] = {"assign_from": source, "item_embeddings": embedding_info,
+                              "llm_alignment": {"used": False, "note": "assign_only: frozen codebook, no training"}}
+    return built
+
+
+def _model_tokenizer(model_cfg):
+    if model_cfg is None:
+        raise DataError("model", "scheme subtoken needs the model's tokenizer; add a model: section")
+    from trainers.models import build_model
+
+    tokenizer = build_model(model_cfg)[1]
+    if tokenizer is None:
+        raise DataError("model", f"scheme subtoken needs a tokenizer; model {model_cfg.size} has none without "
+                                 "model.checkpoint")
+    return tokenizer
+
+
+def write_item_ids(built: BuiltIds, out_uri: str) -> None:
+    with storage.staged_folder(out_uri) as staged:
+        staged.write_parquet(ITEM_CODES_FILE, built.items)
+        for name, table in built.tables.items():
+            staged.write_parquet(name, table)
+        staged.write_bytes(TOKENS_FILE, json.dumps(built.new_tokens).encode())
+        if built.codebook is not None:
+            tensors, metadata = built.codebook
+            staged.write_bytes(CODEBOOK_FILE, safetensors.torch.save(tensors, metadata))
+        built.stats["files"] = dict(sorted(staged.files.items()))
+        staged.write_bytes(STATS_FILE, json.dumps(built.stats, indent=2).encode())
+
+
+def run_build_ids(ids: IdsConfig, run_dir: str, seed: int = 0, model_cfg=None, *,
+                  item_embeddings: np.ndarray | None = None, text_embedder: TextEmbedder | None = None,
+                  tokenizer=None) -> dict:
+    """Build run_dir/item_ids/ from run_dir/dataset/; returns stats.json's content.
+
+    ``seed`` is the run's seed (``ids.seed`` overrides it). The keyword arguments replace the default
+    inputs: SASRec item embeddings, the LM text embedder and the LM tokenizer (tests, benches).
+    """
+    start = time.perf_counter()
+    dataset_dir = storage.join(run_dir, "dataset")
+    manifest = json.loads(storage.read_text(storage.join(dataset_dir, "manifest.json")))
+    items = storage.read_parquet(storage.join(dataset_dir, "items.parquet")).sort_by("item_id")
+    seed = ids.seed if ids.seed is not None else seed
+    if ids.scheme == "atomic":
+        built = build_atomic_ids(items, storage.read_parquet(storage.join(dataset_dir, "users.parquet")).sort_by("user_id"))
+    elif ids.scheme == "subtoken":
+        built = build_subtoken_ids(items, tokenizer if tokenizer is not None else _model_tokenizer(model_cfg))
+    elif ids.scheme == "precomputed":
+        built = build_precomputed_ids(items, ids.index_path or index_path_from_manifest(manifest, dataset_dir))
+    elif ids.assign_only:
+        built = _assign_only(ids, run_dir, dataset_dir, items, seed, item_embeddings)
+    else:
+        built = _semantic(ids, dataset_dir, items, manifest, seed, model_cfg, item_embeddings, text_embedder)
+    built.stats = {"scheme": ids.scheme, "items": items.num_rows, "seed": seed, "new_tokens": len(built.new_tokens),
+                   **built.stats, "total_seconds": round(time.perf_counter() - start, 2)}
+    out = storage.join(run_dir, "item_ids")
+    write_item_ids(built, out)
+    log.info("wrote %s: %s scheme, %d items, %d new tokens", out, ids.scheme, items.num_rows, len(built.new_tokens))
+    return built.stats

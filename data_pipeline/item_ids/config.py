@@ -1,0 +1,81 @@
+"""Config of the item-identifier stage (dataset/ -> item_ids/): which scheme names the items, and how
+the semantic quantiser is trained (levels x codes, losses, optimiser, cold-start assignment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from launcher.config_schema import choice, positive
+from trainers.sasrec_config import SASRecConfig
+
+SCHEMES = ("atomic", "subtoken", "semantic", "precomputed")
+MAX_LEVELS = 26
+"""Semantic tokens are named <a_12>, <b_7>, ...: one letter per level."""
+
+
+def _sasrec_for_ids() -> SASRecConfig:
+    # The quantiser needs item embeddings, not the best ranking model: a short, early-stopped run.
+    return SASRecConfig(epochs=60, patience=3, eval_every=4)
+
+
+@dataclass
+class IdsConfig:
+    scheme: str = "semantic"
+    """atomic (one new token per item and user) | subtoken (item_123 split by the LM tokenizer) | semantic (learned L x C codes) | precomputed (<name>.index.json)."""
+    seed: int | None = None
+    """Seed of the quantiser (k-means, initialisation, batch order); empty uses the run's seed."""
+    levels: int = 4
+    """semantic: code levels per item (residual quantisation depth)."""
+    codes: int = 256
+    """semantic: codes per level (codebook size)."""
+    latent_dim: int = 32
+    """semantic: width of the quantised latent space the codebooks live in."""
+    hidden_dim: int = 128
+    """semantic: hidden width of the encoder and decoder MLPs (0 makes them linear)."""
+    epochs: int = 150
+    """semantic: passes over the catalogue when training the quantiser."""
+    batch_size: int = 1024
+    """semantic: items per optimiser step."""
+    lr: float = 1e-3
+    """semantic: Adam learning rate of the quantiser."""
+    kmeans_sample: int = 16384
+    """semantic: items (a seeded random batch) the scikit-learn k-means initialisation of each level is fitted on."""
+    commitment_weight: float = 0.25
+    """semantic: weight of the commitment term (encoder residual -> its stop-gradient code vector)."""
+    llm_alignment: bool = True
+    """semantic: pull projected code vectors toward the LM's mean input embedding of the item's title+description (skipped, with a note, when the dataset has no text)."""
+    llm_alignment_weight: float = 0.5
+    """semantic: weight of the LLM-alignment loss relative to the behaviour reconstruction loss."""
+    llm_alignment_max_tokens: int = 256
+    """semantic: title+description tokens averaged per item for the LLM-alignment target."""
+    assign_only: bool = False
+    """semantic: do not train; code the items absent from an existing item_ids/ with its frozen codebook (cold start)."""
+    assign_from: str = ""
+    """assign_only: the item_ids/ folder holding the frozen codebook and existing codes; empty uses run_dir/item_ids."""
+    index_path: str = ""
+    """precomputed: the <name>.index.json to import; empty uses <source path>/<name>.index.json from the dataset manifest."""
+    sasrec: SASRecConfig = field(default_factory=_sasrec_for_ids)
+    """semantic: the SASRec trained on the train split whose item embeddings the quantiser codes."""
+
+    def check(self) -> list[str]:
+        problems = choice("scheme", self.scheme, SCHEMES)
+        for name in ("levels", "codes", "latent_dim", "epochs", "batch_size", "kmeans_sample", "lr",
+                     "llm_alignment_max_tokens"):
+            problems += positive(name, getattr(self, name))
+        for name in ("hidden_dim", "commitment_weight", "llm_alignment_weight"):
+            problems += positive(name, getattr(self, name), allow_zero=True)
+        if self.levels is not None and self.levels > MAX_LEVELS:
+            problems.append(f"levels: {self.levels} is more than {MAX_LEVELS} (one letter per level in <a_12>)")
+        if self.codes is not None and self.codes < 2:
+            problems.append(f"codes: {self.codes} must be at least 2")
+        if self.levels and self.codes and self.levels > 0 and self.codes >= 2 and self.codes ** self.levels >= 2 ** 62:
+            problems.append(f"levels/codes: {self.codes}^{self.levels} code sequences do not fit a 62-bit key; "
+                            "use fewer levels or codes")
+        if self.assign_only and self.scheme != "semantic":
+            problems.append(f"assign_only: true needs scheme semantic (a frozen codebook), got scheme {self.scheme!r}")
+        if self.assign_from and not self.assign_only:
+            problems.append(f"assign_from: {self.assign_from!r} is only read when assign_only is true")
+        if self.index_path and self.scheme != "precomputed":
+            problems.append(f"index_path: {self.index_path!r} is only read by scheme precomputed")
+        return problems
