@@ -7,12 +7,13 @@ import sys
 
 from data_pipeline.errors import DataError
 from launcher.config_schema import ConfigError
+from trainers.memory_plan import PlanError
 
 
 def _commands():
     from launcher import stages
 
-    return {**stages.STAGES, "pipeline": stages.pipeline}
+    return {**stages.STAGES, "pipeline": stages.pipeline, "plan": stages.plan}
 
 
 USAGE = "usage: recllm <command> CONFIG [key=value ...]\ncommands: {}"
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv[1], argv[2:])
         commands[argv[0]](cfg)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, PlanError) as exc:
         print(f"recllm {argv[0]}: error: {exc}", file=sys.stderr)
         return 2
     return 0

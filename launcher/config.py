@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from data_pipeline.config import DataConfig
+from data_pipeline.item_ids.config import IdsConfig
+from data_pipeline.samples.config import SamplesConfig
 from launcher.config_schema import load
+from trainers.model_config import ModelConfig
+from trainers.train_config import TrainConfig
+from inference.config import EvalConfig, InferConfig
 
 
 @dataclass
@@ -18,6 +23,18 @@ class RecllmConfig:
     """Stages `recllm pipeline` runs, in order."""
     data: DataConfig = field(default_factory=DataConfig)
     """Raw data and the split (stage: prepare)."""
+    ids: IdsConfig = field(default_factory=IdsConfig)
+    """How the LM names items: atomic, subtoken, semantic or precomputed IDs (stage: build-ids)."""
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    """Training samples: tasks, negatives per positive, prompt templates (stage: build-samples)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The LLaMA-family model, its size, weights and how the new item/user token rows start."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Distributed SFT: Ray Train workers, DeepSpeed ZeRO, LoRA or full, packing, checkpoints (stage: train)."""
+    infer: InferConfig = field(default_factory=InferConfig)
+    """Top-K for every user: beam search or multinomial head, Ray actor pool, resumable cache (stage: infer)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Metrics and report next to a SASRec baseline (stage: evaluate)."""
 
     def check(self) -> list[str]:
         from launcher.stages import STAGES

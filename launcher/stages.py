@@ -17,7 +17,83 @@ def prepare(cfg) -> None:
           f"rows train={c['train_rows']} valid={c['valid_rows']} test={c['test_rows']} -> {cfg.run_dir}/dataset")
 
 
-STAGES: dict[str, Callable] = {"prepare": prepare}
+def build_ids(cfg) -> None:
+    from data_pipeline.item_ids.build_ids import run_build_ids
+
+    stats = run_build_ids(cfg.ids, cfg.run_dir, seed=cfg.seed, model_cfg=cfg.model)
+    after = stats.get("collisions", {}).get("after", {}).get("duplicate_codes", 0)
+    print(f"item ids: {stats['scheme']} scheme, {stats['items']} items, {stats['new_tokens']} new tokens, "
+          f"{after} collisions, {stats['total_seconds']}s -> {cfg.run_dir}/item_ids")
+
+
+def build_samples(cfg) -> None:
+    from data_pipeline.samples.build_samples import run_build_samples
+
+    manifest = run_build_samples(cfg)
+    counts = ", ".join(f"{t}={n}" for t, n in manifest["counts"]["train"].items())
+    print(f"samples: {counts}; valid={manifest['counts']['valid']['sequential']}, {manifest['seconds']}s "
+          f"-> {cfg.run_dir}/samples")
+
+
+def train(cfg) -> None:
+    from trainers.ray_launch import run_training
+
+    out = run_training(cfg)
+    m = out["metrics"] or {}
+    print(f"trained {m.get('step')} steps, loss {m.get('loss', float('nan')):.4f}, "
+          f"{m.get('tokens_per_s', 0):.0f} tokens/s -> {out['model_dir']}")
+
+
+def _new_token_count(cfg) -> tuple[int, str]:
+    """How many tokens build-ids adds (or added): read tokens.json when it exists, else estimate."""
+    import json
+
+    from data_pipeline import storage
+
+    tokens = storage.join(cfg.run_dir, "item_ids", "tokens.json")
+    if storage.exists(tokens):
+        return len(json.loads(storage.read_text(tokens))), tokens
+    if cfg.ids.scheme in ("semantic", "precomputed"):
+        return cfg.ids.levels * cfg.ids.codes, f"{cfg.ids.levels} levels x {cfg.ids.codes} codes"
+    if cfg.ids.scheme == "atomic":
+        manifest = storage.join(cfg.run_dir, "dataset", "manifest.json")
+        if storage.exists(manifest):
+            c = json.loads(storage.read_text(manifest))["counts"]
+            return c["items"] + c["users"], "one per item and user"
+        return 0, "atomic: unknown until `recllm prepare` (0 assumed)"
+    return 0, "subtoken: no new tokens"
+
+
+def plan(cfg) -> None:
+    from trainers.memory_plan import check_plan, plan_memory
+
+    count, source = _new_token_count(cfg)
+    result = plan_memory(cfg, count)
+    print(f"config valid; new tokens: {count:,} ({source})")
+    print(result.table())
+    check_plan(result, cfg)
+
+
+def infer(cfg) -> None:
+    from inference.ray_infer import run_infer
+
+    s = run_infer(cfg)
+    print(f"top-K: {s['users']} users in {len(s['shards'])} shards ({s['shards_computed']} computed, "
+          f"{s['users_scored']} users scored, {s['users_reused']} reused) in {s['seconds']}s "
+          f"-> {cfg.run_dir}/topk")
+
+
+def evaluate(cfg) -> None:
+    from inference.evaluate import run_evaluate
+
+    report = run_evaluate(cfg)
+    for name, m in report["models"].items():
+        print(f"{name:8s} HR@10 {m['HR@10']:.4f}  NDCG@10 {m['NDCG@10']:.4f}  invalid {m['invalid_item_rate']:.4f}")
+    print(f"report: {cfg.run_dir}/report/report.md")
+
+
+STAGES: dict[str, Callable] = {"prepare": prepare, "build-ids": build_ids, "build-samples": build_samples,
+                               "train": train, "infer": infer, "evaluate": evaluate}
 
 
 def pipeline(cfg) -> None:

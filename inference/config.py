@@ -1,0 +1,66 @@
+"""Config of the last two stages: `recllm infer` (top-K for every user) and `recllm evaluate` (metrics + report)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from launcher.config_schema import choice, positive
+from trainers.sasrec_config import SASRecConfig
+
+MODES = ("test", "nightly")
+SCORERS = ("beam", "multinomial")
+
+
+@dataclass
+class InferConfig:
+    mode: str = "test"
+    """test: users' test-split histories (for evaluation); nightly: every user's full history, for serving."""
+    since: int | None = None
+    """nightly only: score only users with an interaction at or after this unix time (needs timestamps)."""
+    scorer: str = "beam"
+    """beam: trie-constrained beam search over item codes; multinomial: one softmax over item tokens (atomic IDs)."""
+    top_k: int = 20
+    """Items written per user."""
+    num_beams: int = 20
+    """Beams per user (>= top_k)."""
+    batch_size: int = 32
+    """Users per forward batch inside a replica."""
+    users_per_shard: int = 2048
+    """Users per output file (the unit of resumption)."""
+    num_replicas: int = 2
+    """Model replicas in the Ray actor pool (one GPU each with use_gpu)."""
+    cpus_per_replica: float = 0.5
+    """CPUs Ray reserves per replica."""
+    use_gpu: bool = False
+    """One GPU per replica, bf16."""
+    exclude_seen: bool = False
+    """Never recommend an item already in the user's history."""
+    max_history: int = 20
+    """Most recent items put in the prompt (as in training)."""
+    model_dir: str = ""
+    """Model folder (HF from_pretrained); empty: run_dir/model."""
+
+    def check(self) -> list[str]:
+        problems = choice("mode", self.mode, MODES) + choice("scorer", self.scorer, SCORERS)
+        for name in ("top_k", "num_beams", "batch_size", "users_per_shard", "num_replicas", "cpus_per_replica",
+                     "max_history"):
+            problems += positive(name, getattr(self, name))
+        if self.scorer == "beam" and self.num_beams < self.top_k:
+            problems.append(f"num_beams: {self.num_beams} < top_k {self.top_k}; beam search returns at most "
+                            f"num_beams items")
+        if self.since is not None and self.mode != "nightly":
+            problems.append("since: only with mode=nightly")
+        return problems
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
+    """Cut-offs for HR@K and NDCG@K."""
+    baseline: bool = True
+    """Train and score the SASRec baseline on the same split."""
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    """The baseline's settings."""
+
+    def check(self) -> list[str]:
+        return [] if self.ks and all(k > 0 for k in self.ks) else [f"ks: {self.ks}; expected positive cut-offs"]

@@ -1,0 +1,160 @@
+"""`recllm evaluate`: the last stage. Full-ranking HR@K / NDCG@K of the top-K cache against the test targets,
+invalid-item rate and catalogue coverage, next to a SASRec baseline trained and scored on the same split;
+writes run_dir/report/ (metrics.json, report.md, PNG plots).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from data_pipeline import storage
+from inference.ranking_metrics import ranking_metrics
+from inference.topk_shards import SUCCESS
+
+log = logging.getLogger("recllm.evaluate")
+
+
+def read_topk(topk_dir: str) -> tuple[dict, pa.Table]:
+    success = storage.join(topk_dir, SUCCESS)
+    if not storage.exists(success):
+        raise FileNotFoundError(f"{success}: no complete top-K run; run `recllm infer` first")
+    manifest = json.loads(storage.read_text(success))
+    return manifest, storage.read_parquet(topk_dir, columns=["user_id", "item_ids"]).sort_by("user_id")
+
+
+def topk_matrix(lists: list[list[int]], k: int) -> np.ndarray:
+    out = np.full((len(lists), k), -1, dtype=np.int64)
+    for r, items in enumerate(lists):
+        items = items[:k]
+        out[r, :len(items)] = items
+    return out
+
+
+def recllm_metrics(topk: np.ndarray, targets: np.ndarray, num_items: int, ks: list[int]) -> dict:
+    metrics = ranking_metrics(topk, targets, ks)
+    slots = topk.size
+    valid = (topk >= 0) & (topk < num_items)
+    duplicates = sum(len(row[row >= 0]) - len(np.unique(row[row >= 0])) for row in topk)
+    metrics["invalid_item_rate"] = float(((topk >= num_items) | (topk < -1)).sum() + duplicates) / max(slots, 1)
+    metrics["missing_rate"] = float((topk == -1).sum()) / max(slots, 1)
+    metrics[f"Coverage@{topk.shape[1]}"] = float(len(np.unique(topk[valid]))) / num_items
+    return metrics
+
+
+def run_evaluate(cfg) -> dict:
+    from trainers.sasrec import recommend_topk, train_sasrec
+
+    ecfg = cfg.eval
+    run_dir = cfg.run_dir
+    dataset = storage.join(run_dir, "dataset")
+    manifest = json.loads(storage.read_text(storage.join(dataset, "manifest.json")))
+    num_items = manifest["counts"]["items"]
+    test = storage.read_parquet(storage.join(dataset, "sequences", "test")).sort_by("user_id")
+    targets = test.column("target").to_numpy()
+    histories = test.column("history").to_pylist()
+    kmax = max(ecfg.ks)
+
+    topk_manifest, topk = read_topk(storage.join(run_dir, "topk"))
+    if topk_manifest.get("mode") != "test":
+        raise ValueError(f"top-K run was mode={topk_manifest.get('mode')}; evaluation needs infer.mode=test")
+    if topk.column("user_id").to_pylist() != test.column("user_id").to_pylist():
+        raise ValueError("the top-K cache and the test split hold different users; re-run `recllm infer`")
+    ours = topk_matrix(topk.column("item_ids").to_pylist(), kmax)
+    models = {"recllm": recllm_metrics(ours, targets, num_items, ecfg.ks)}
+    models["recllm"]["users_per_second"] = topk_manifest.get("users_per_second")
+
+    sasrec_losses: list[float] = []
+    if ecfg.baseline:
+        t0 = time.perf_counter()
+        local_logs = None if "://" in run_dir else str(Path(run_dir) / "report" / "sasrec_logs")
+        result = train_sasrec(dataset, ecfg.sasrec, seed=cfg.seed, log_dir=local_logs)
+        base_items, _ = recommend_topk(result.model, histories, kmax, exclude_seen=cfg.infer.exclude_seen)
+        models["sasrec"] = recllm_metrics(base_items.numpy(), targets, num_items, ecfg.ks)
+        models["sasrec"]["train_seconds"] = round(time.perf_counter() - t0, 1)
+        sasrec_losses = list(result.losses)
+
+    report = {"dataset": manifest["source"].get("name") or manifest["source"]["path"], "split": "test",
+              "users": int(len(targets)), "items": num_items, "ks": ecfg.ks,
+              "infer": {k: topk_manifest.get(k) for k in ("scorer", "top_k", "num_beams", "model_version")},
+              "models": models}
+    write_report(run_dir, report, sasrec_losses)
+    return report
+
+
+def _train_losses(run_dir: str) -> list[tuple[int, float]]:
+    path = storage.join(run_dir, "train", "logs", "metrics.jsonl")
+    if not storage.exists(path):
+        return []
+    rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def write_report(run_dir: str, report: dict, sasrec_losses: list[float]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = storage.join(run_dir, "report")
+    with storage.staged_folder(out) as staged:
+        staged.write_bytes("metrics.json", json.dumps(report, indent=2).encode())
+        ks = report["ks"]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for name, m in report["models"].items():
+            axes[0].plot(ks, [m[f"HR@{k}"] for k in ks], marker="o", label=name)
+            ndcg_ks = [k for k in ks if f"NDCG@{k}" in m]
+            axes[1].plot(ndcg_ks, [m[f"NDCG@{k}"] for k in ndcg_ks], marker="o", label=name)
+        for ax, title in zip(axes, ("HR@K", "NDCG@K")):
+            ax.set_xlabel("K")
+            ax.set_title(f"{title} — {report['dataset']} (test, full ranking)")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        staged.write_bytes("hr_ndcg_at_k.png", _png(fig))
+        losses = _train_losses(run_dir)
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        if losses:
+            axes[0].plot(*zip(*losses), marker=".")
+        axes[0].set_title("recllm SFT loss (response tokens)")
+        axes[0].set_xlabel("step")
+        if sasrec_losses:
+            axes[1].plot(range(1, len(sasrec_losses) + 1), sasrec_losses, marker=".")
+        axes[1].set_title("SASRec training loss")
+        axes[1].set_xlabel("epoch")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        staged.write_bytes("training_loss.png", _png(fig))
+        staged.write_bytes("report.md", _markdown(report).encode())
+    return out
+
+
+def _png(fig) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _markdown(report: dict) -> str:
+    ks = report["ks"]
+    cols = [f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks if k > 1]
+    extra = ["invalid_item_rate", f"Coverage@{max(ks)}"]
+    lines = [f"# recllm evaluation: {report['dataset']}", "",
+             f"Test split, full ranking over {report['items']:,} items, {report['users']:,} users. "
+             f"Top-K from `{report['infer'].get('scorer')}` (beams {report['infer'].get('num_beams')}), "
+             f"model {report['infer'].get('model_version')}.", "",
+             "| model | " + " | ".join(cols + extra) + " |", "|---" * (len(cols) + len(extra) + 1) + "|"]
+    for name, m in report["models"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{m.get(c, float('nan')):.4f}" for c in cols + extra) + " |")
+    lines += ["", "![HR@K and NDCG@K](hr_ndcg_at_k.png)", "", "![Training loss](training_loss.png)", ""]
+    return "\n".join(lines)

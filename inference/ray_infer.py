@@ -1,0 +1,140 @@
+"""`recllm infer`: the one inference module that speaks to Ray. Plans user shards, skips the complete ones,
+and streams the rest through a Ray Data actor pool of model replicas (one GPU each, or fractional CPUs); each
+replica scores its shard, reusing last run's rows for users whose history did not change, and writes it
+atomically. `_SUCCESS` closes the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+from data_pipeline import storage
+from inference import topk_shards as ts
+
+log = logging.getLogger("recllm.infer")
+
+
+def _settings(icfg, model_version: str) -> str:
+    keys = {"mode": icfg.mode, "scorer": icfg.scorer, "top_k": icfg.top_k, "num_beams": icfg.num_beams,
+            "exclude_seen": icfg.exclude_seen, "max_history": icfg.max_history, "model_version": model_version}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ShardWorker:
+    """One model replica in the actor pool; called with batches of shard descriptors."""
+
+    def __init__(self, run_dir: str, model_dir: str, icfg, num_items: int, num_users: int, settings: str,
+                 recent: set[int] | None):
+        from inference.topk_scorer import TopKScorer
+
+        device = "cuda" if icfg.use_gpu else "cpu"
+        self.scorer = TopKScorer(run_dir, model_dir, icfg, num_items, num_users, device)
+        self.users = ts.users_to_score(run_dir, icfg.mode)
+        self.topk_dir = storage.join(run_dir, "topk")
+        self.settings, self.recent = settings, recent
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"shard": [], "users": [], "scored": [], "reused": [], "seconds": []}
+        for shard, lo, hi, fingerprint in zip(batch["shard"], batch["lo"], batch["hi"], batch["fingerprint"]):
+            t0 = time.perf_counter()
+            task = ts.ShardTask(int(shard), int(lo), int(hi), str(fingerprint))
+            user_ids, histories = self.users.slice(task.lo, task.hi)
+            hashes = [ts.history_hash(h) for h in histories]
+            items = np.full((len(user_ids), self.scorer.cfg.top_k), -1, dtype=np.int64)
+            scores = np.full(items.shape, -np.inf, dtype=np.float32)
+            todo = self._reuse(task.shard, user_ids, hashes, items, scores)
+            if len(todo):
+                got_items, got_scores = self.scorer.score(user_ids[todo], [histories[i] for i in todo])
+                items[todo, :got_items.shape[1]] = got_items
+                scores[todo, :got_scores.shape[1]] = got_scores
+            ts.write_shard(self.topk_dir, task, user_ids, histories, items, scores, self.scorer.model_version,
+                           self.settings)
+            for key, value in (("shard", task.shard), ("users", len(user_ids)), ("scored", len(todo)),
+                               ("reused", len(user_ids) - len(todo)), ("seconds", time.perf_counter() - t0)):
+                out[key].append(value)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def _reuse(self, shard: int, user_ids, hashes, items, scores) -> np.ndarray:
+        """Fill rows from last run's shard where the user's history (and the settings) are unchanged;
+        return the rows that still need scoring."""
+        previous = ts.read_shard(self.topk_dir, shard)
+        meta = (previous.schema.metadata or {}) if previous is not None else {}
+        if previous is None or meta.get(b"recllm_settings", b"").decode() != self.settings:
+            return np.arange(len(user_ids))
+        old = {u: (h, i, s) for u, h, i, s in zip(previous.column("user_id").to_pylist(),
+                                                 previous.column("history_hash").to_pylist(),
+                                                 previous.column("item_ids").to_pylist(),
+                                                 previous.column("scores").to_pylist())}
+        todo = []
+        for row, (user, digest) in enumerate(zip(user_ids.tolist(), hashes)):
+            prev = old.get(user)
+            changed = prev is None or prev[0] != digest
+            if self.recent is not None and prev is not None:
+                changed = user in self.recent  # since= given: trust it, rescore only recent users
+            if changed:
+                todo.append(row)
+            else:
+                k = len(prev[1])
+                items[row, :k], scores[row, :k] = prev[1], prev[2]
+        return np.asarray(todo, dtype=np.int64)
+
+
+def run_infer(cfg) -> dict:
+    import ray
+
+    from inference.topk_scorer import _model_version
+
+    icfg = cfg.infer
+    run_dir = cfg.run_dir if "://" in cfg.run_dir else os.path.abspath(cfg.run_dir)
+    model_dir = icfg.model_dir or storage.join(run_dir, "model")
+    if not storage.exists(storage.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"{model_dir}: no model; run `recllm train` first (or set infer.model_dir)")
+    topk_dir = storage.join(run_dir, "topk")
+    manifest = json.loads(storage.read_text(storage.join(run_dir, "dataset", "manifest.json")))
+    users = ts.users_to_score(run_dir, icfg.mode)
+    recent = ts.recent_users(run_dir, icfg.since) if icfg.since is not None else None
+    model_version = _model_version(model_dir)
+    settings = _settings(icfg, model_version)
+    tasks = ts.plan_shards(users, icfg.users_per_shard, settings)
+    done = ts.complete_shards(topk_dir)
+    todo = [t for t in tasks if done.get(t.shard) != t.fingerprint]
+    log.info("%d users in %d shards; %d complete, %d to score", len(users), len(tasks), len(tasks) - len(todo),
+             len(todo))
+    ts.clear_success(topk_dir)
+    ts.remove_stale_temporaries(topk_dir)
+    results: list[dict] = []
+    t0 = time.perf_counter()
+    if todo:
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+        ctx = ray.data.DataContext.get_current()
+        ctx.op_resource_reservation_enabled = False
+        items = [{"shard": t.shard, "lo": t.lo, "hi": t.hi, "fingerprint": t.fingerprint} for t in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            ShardWorker, batch_size=1, concurrency=min(icfg.num_replicas, len(items)),
+            num_cpus=icfg.cpus_per_replica, num_gpus=1 if icfg.use_gpu else 0,
+            fn_constructor_kwargs={"run_dir": run_dir, "model_dir": model_dir, "icfg": icfg,
+                                   "num_items": manifest["counts"]["items"], "num_users": manifest["counts"]["users"],
+                                   "settings": settings, "recent": recent})
+        results = ds.take_all()
+    live = {ts.shard_name(t.shard) for t in tasks}
+    for uri in storage.list_files(topk_dir, ".parquet"):  # users gone from the data: drop their old shards
+        if uri.rsplit("/", 1)[-1] not in live:
+            fs, path = storage.filesystem(uri)
+            fs.rm(path)
+    seconds = time.perf_counter() - t0
+    scored = int(sum(r["scored"] for r in results))
+    summary = {"mode": icfg.mode, "model_version": model_version, "settings": settings, "users": len(users),
+               "shards": {ts.shard_name(t.shard): t.fingerprint for t in tasks},
+               "shards_computed": len(todo), "users_scored": scored,
+               "users_reused": int(sum(r["reused"] for r in results)), "seconds": round(seconds, 2),
+               "users_per_second": round(scored / seconds, 2) if scored else None,
+               "scorer": icfg.scorer, "top_k": icfg.top_k, "num_beams": icfg.num_beams}
+    ts.write_success(topk_dir, summary)
+    return summary

@@ -1,0 +1,133 @@
+"""One model replica's work in `recllm infer`: load the trained model, frame each user's prompt as in training,
+and return K distinct valid items per user, by trie-constrained beam search or the multinomial item head.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from data_pipeline import storage
+from data_pipeline.item_ids.item_codes import read_item_codes
+from inference.code_trie import CodeTrie
+from trainers.packing import frame_prompt
+
+log = logging.getLogger("recllm.infer")
+
+
+class TopKScorer:
+    def __init__(self, run_dir: str, model_dir: str, infer_cfg, num_items: int, num_users: int, device: str = "cpu"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from inference.user_prompts import PromptBuilder
+
+        self.cfg, self.device = infer_cfg, device
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        self.model_version = _model_version(model_dir)
+        self.prompts = PromptBuilder(run_dir, num_items, num_users, infer_cfg.max_history)
+        codes = read_item_codes(storage.join(run_dir, "item_ids")).sort_by("item_id")  # row r = item_id r
+        self.items = codes.column("item_id").to_numpy()
+        token_seqs = self._token_sequences(codes)
+        if infer_cfg.scorer == "multinomial":
+            if any(len(s) != 1 for s in token_seqs):
+                raise ValueError("infer.scorer=multinomial needs one token per item (ids.scheme=atomic)")
+            self.item_token_ids = torch.tensor([s[0] for s in token_seqs], dtype=torch.long)
+        else:
+            needs_end = len({len(s) for s in token_seqs}) > 1
+            self.trie = CodeTrie(token_seqs, self.items, vocab_size=len(self.tokenizer),
+                                 end_token=self.tokenizer.eos_token_id if needs_end else None)
+
+    def _token_sequences(self, codes: pa.Table) -> list[list[int]]:
+        """Each item's answer as LM token ids: its new tokens, or its text (subtoken IDs) tokenised as in training."""
+        if "text" in codes.column_names and codes.column("text").null_count == 0:
+            return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in codes.column("text").to_pylist()]
+        out = []
+        for tokens in codes.column("tokens").to_pylist():
+            ids = self.tokenizer.convert_tokens_to_ids(tokens)
+            if self.tokenizer.unk_token_id is not None and self.tokenizer.unk_token_id in ids:
+                raise ValueError(f"item tokens {tokens} are not in the model's vocabulary; was the model trained "
+                                 f"on these item_ids?")
+            out.append(ids)
+        return out
+
+    def _encode(self, user_ids, histories) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = [frame_prompt(self.prompts.prompt(int(u), list(h))) for u, h in zip(user_ids, histories)]
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        rows = [bos + self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def score(self, user_ids: np.ndarray, histories: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(item_ids [N, K] with -1 padding, scores [N, K]) for a batch of users."""
+        out_items, out_scores = [], []
+        bs = self.cfg.batch_size
+        for start in range(0, len(user_ids), bs):
+            u, h = user_ids[start:start + bs], histories[start:start + bs]
+            if self.cfg.scorer == "multinomial":
+                ids, mask = self._encode(u, h)
+                seen = [list(x) for x in h] if self.cfg.exclude_seen else None
+                idx, scores = multinomial_items(self, ids, mask, seen)
+                items = self.items[idx.cpu().numpy()]
+            else:
+                from inference.constrained_beam_search import constrained_beam_search
+
+                prompt_rows = self._prompt_rows(u, h)
+                items, scores = constrained_beam_search(self.model, prompt_rows, self.trie, self.cfg.num_beams,
+                                                        self.cfg.num_beams if self.cfg.exclude_seen else self.cfg.top_k)
+                items, scores = items.cpu().numpy(), scores.float().cpu().numpy()
+                if self.cfg.exclude_seen:
+                    items, scores = _drop_seen(items, scores, h, self.cfg.top_k)
+            out_items.append(np.asarray(items)[:, :self.cfg.top_k])
+            out_scores.append(np.asarray(scores.cpu().numpy() if torch.is_tensor(scores) else scores)[:, :self.cfg.top_k])
+        return np.concatenate(out_items), np.concatenate(out_scores)
+
+    def _prompt_rows(self, user_ids, histories) -> list[list[int]]:
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return [bos + self.tokenizer(frame_prompt(self.prompts.prompt(int(u), list(h))),
+                                     add_special_tokens=False)["input_ids"] for u, h in zip(user_ids, histories)]
+
+
+def multinomial_items(scorer: TopKScorer, ids, mask, seen):
+    from inference.multinomial_head import multinomial_topk
+
+    # seen items are dense item_ids; the head indexes item_codes rows, which are in item_id order
+    return multinomial_topk(scorer.model, ids, mask, scorer.item_token_ids, scorer.cfg.top_k, seen)
+
+
+def _drop_seen(items: np.ndarray, scores: np.ndarray, histories, k: int) -> tuple[np.ndarray, np.ndarray]:
+    out_i = np.full((len(items), k), -1, dtype=np.int64)
+    out_s = np.full((len(items), k), -np.inf, dtype=np.float32)
+    for r, (row_i, row_s, hist) in enumerate(zip(items, scores, histories)):
+        keep = [(i, s) for i, s in zip(row_i, row_s) if i >= 0 and i not in set(hist)][:k]
+        for c, (i, s) in enumerate(keep):
+            out_i[r, c], out_s[r, c] = i, s
+    return out_i, out_s
+
+
+def _model_version(model_dir: str) -> str:
+    info = Path(model_dir) / "recllm_model.json"
+    weights = sorted(Path(model_dir).glob("*.safetensors"))
+    import hashlib
+
+    digest = hashlib.sha256()
+    for w in weights:
+        st = w.stat()
+        digest.update(f"{w.name}:{st.st_size}".encode())
+        with open(w, "rb") as f:
+            digest.update(f.read(1 << 20))
+    step = json.loads(info.read_text())["step"] if info.exists() else "na"
+    return f"step{step}-{digest.hexdigest()[:12]}"
