@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -48,7 +47,7 @@ def recllm_metrics(topk: np.ndarray, targets: np.ndarray, num_items: int, ks: li
 
 
 def run_evaluate(cfg) -> dict:
-    from trainers.sasrec import recommend_topk, train_sasrec
+    from trainers.sasrec import cached_sasrec, recommend_topk
 
     ecfg = cfg.eval
     run_dir = cfg.run_dir
@@ -72,12 +71,10 @@ def run_evaluate(cfg) -> dict:
     sasrec_losses: list[float] = []
     if ecfg.baseline:
         t0 = time.perf_counter()
-        local_logs = None if "://" in run_dir else str(Path(run_dir) / "report" / "sasrec_logs")
-        result = train_sasrec(dataset, ecfg.sasrec, seed=cfg.seed, log_dir=local_logs)
-        base_items, _ = recommend_topk(result.model, histories, kmax, exclude_seen=cfg.infer.exclude_seen)
+        model, sasrec_losses = cached_sasrec(dataset, ecfg.sasrec, cfg.seed, storage.join(run_dir, "sasrec"))
+        base_items, _ = recommend_topk(model, histories, kmax, exclude_seen=cfg.infer.exclude_seen)
         models["sasrec"] = recllm_metrics(base_items.numpy(), targets, num_items, ecfg.ks)
-        models["sasrec"]["train_seconds"] = round(time.perf_counter() - t0, 1)
-        sasrec_losses = list(result.losses)
+        models["sasrec"]["seconds"] = round(time.perf_counter() - t0, 1)
 
     report = {"dataset": manifest["source"].get("name") or manifest["source"]["path"], "split": "test",
               "users": int(len(targets)), "items": num_items, "ks": ecfg.ks,

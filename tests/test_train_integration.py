@@ -115,3 +115,33 @@ def test_killed_worker_resumes_exactly(zero2_run, tmp_path, monkeypatch):
     lines = (run_dir / "train" / "samples_seen" / "rank-0.jsonl").read_text().splitlines()
     assert len(lines) > 40
     assert _digests(run_dir) == _digests(base_dir)  # exact resume: the same final weights
+
+
+def test_lora_trains_only_adapters_and_new_token_rows(prepared, tmp_path):
+    """LoRA via peft: base weights stay frozen, new-token rows and adapters move, the export is merged."""
+    from safetensors.torch import load_file
+
+    run_dir = _copy_inputs(prepared, tmp_path / "run")
+    out = _train(run_dir, "train.finetune=lora", "train.max_steps=12", "train.checkpoint_every=12",
+                 "train.lora_r=4", "train.lora_alpha=8")
+    ckpt = sorted((run_dir / "train" / "ray" / "sft").glob("checkpoint_*"))[-1]
+    saved = load_file(str(ckpt / "model" / "weights.safetensors"))
+    assert saved and all("lora_" in k or "trainable_tokens" in k for k in saved), sorted(saved)[:5]
+    assert any("trainable_tokens" in k for k in saved)
+    # the merged export differs from the untrained base exactly in the trained parts
+    from launcher.config import load_config
+    from trainers.models import build_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"), [f"run_dir={run_dir}"])
+    tokens = json.loads((run_dir / "item_ids" / "tokens.json").read_text())
+    base, tok = build_model(cfg.model, tokens, seed=cfg.seed)
+    merged = AutoModelForCausalLM.from_pretrained(out["model_dir"])
+    b, m = dict(base.named_parameters()), dict(merged.named_parameters())
+    new_ids = tok.convert_tokens_to_ids(tokens)
+    emb_b, emb_m = b["model.embed_tokens.weight"], m["model.embed_tokens.weight"]
+    old_rows = [i for i in range(emb_b.shape[0]) if i not in set(new_ids)]
+    assert (emb_b[old_rows] == emb_m[old_rows]).all()  # base vocabulary untouched
+    assert not (emb_b[new_ids] == emb_m[new_ids]).all()  # new-token rows trained
+    assert not (b["model.layers.0.self_attn.q_proj.weight"] == m["model.layers.0.self_attn.q_proj.weight"]).all()
+    assert (b["model.norm.weight"] == m["model.norm.weight"]).all()  # not a LoRA target, frozen

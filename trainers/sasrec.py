@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -445,3 +446,22 @@ def load_sasrec(path_dir: str, device: str = "cpu") -> SASRec:
     model = SASRec(**asdict(SASRecArchitecture(**arch)))
     model.load_state_dict(safetensors.torch.load(storage.read_bytes(storage.join(path_dir, WEIGHTS_FILE))))
     return model.to(device).eval()
+
+
+def cached_sasrec(dataset_dir: str, cfg: SASRecConfig, seed: int, cache_root: str) -> tuple[SASRec, list[float]]:
+    """The SASRec for (dataset, config, seed): loaded from ``cache_root``/<key>/ when an earlier stage trained it
+    (build-ids trains one for semantic IDs, evaluate needs the same one as its baseline), else trained and saved."""
+    manifest = storage.read_text(storage.join(dataset_dir, "manifest.json"))
+    key = hashlib.sha256(json.dumps([json.loads(manifest)["files"], asdict(cfg), seed], sort_keys=True)
+                         .encode()).hexdigest()[:16]
+    folder = storage.join(cache_root, key)
+    if storage.exists(storage.join(folder, ARCHITECTURE_FILE)):
+        losses = json.loads(storage.read_text(storage.join(folder, "losses.json")))
+        log.info("SASRec from %s (trained by an earlier stage)", folder)
+        return load_sasrec(folder), losses
+    result = train_sasrec(dataset_dir, cfg, seed=seed)
+    save_sasrec(result.model, folder)
+    fs, path = storage.filesystem(storage.join(folder, "losses.json"))
+    with fs.open(path, "w") as f:
+        f.write(json.dumps(result.losses))
+    return result.model, result.losses
