@@ -15,7 +15,6 @@ import torch
 from data_pipeline import storage
 from data_pipeline.item_ids.item_codes import read_item_codes
 from inference.code_trie import CodeTrie
-from trainers.packing import frame_prompt
 
 log = logging.getLogger("recllm.infer")
 
@@ -57,10 +56,14 @@ class TopKScorer:
             out.append(ids)
         return out
 
+    def _prompt_rows(self, user_ids, histories) -> list[list[int]]:
+        from inference.constrained_beam_search import encode_prompts
+
+        return encode_prompts(self.tokenizer, [self.prompts.prompt(int(u), list(h)) for u, h in zip(user_ids, histories)])
+
     def _encode(self, user_ids, histories) -> tuple[torch.Tensor, torch.Tensor]:
-        texts = [frame_prompt(self.prompts.prompt(int(u), list(h))) for u, h in zip(user_ids, histories)]
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        rows = [bos + self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        """Left-padded prompt ids and attention mask (the multinomial head reads the last position)."""
+        rows = self._prompt_rows(user_ids, histories)
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -94,11 +97,6 @@ class TopKScorer:
             out_items.append(np.asarray(items)[:, :self.cfg.top_k])
             out_scores.append(np.asarray(scores.cpu().numpy() if torch.is_tensor(scores) else scores)[:, :self.cfg.top_k])
         return np.concatenate(out_items), np.concatenate(out_scores)
-
-    def _prompt_rows(self, user_ids, histories) -> list[list[int]]:
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return [bos + self.tokenizer(frame_prompt(self.prompts.prompt(int(u), list(h))),
-                                     add_special_tokens=False)["input_ids"] for u, h in zip(user_ids, histories)]
 
 
 def multinomial_items(scorer: TopKScorer, ids, mask, seen):
