@@ -1,10 +1,8 @@
-"""Prefix trie over every valid item code sequence, held as tensors, for constrained beam search.
+"""Prefix trie over every valid item code sequence (from item_ids/), held as tensors for constrained beam search.
 
-Built from item_ids/ (or any integer sequences). Depth d holds the distinct prefixes of length d, numbered
-in sorted order (the root is node 0 of depth 0). Per depth: the edges to depth d+1 sorted by (parent,
-token) in CSR form, where an edge's row number is the id of the child it leads to; a dense
-[nodes, vocab] mask of allowed next tokens where it fits a memory limit; and the item ending at each node.
-Every lookup is batched: a beam step is one searchsorted and one gather (or a scatter) per depth.
+Depth d numbers the distinct length-d prefixes in sorted order. Per depth: CSR edges sorted by (parent, token),
+an edge's row being the id of the child it leads to; a dense [nodes, vocab] allowed-next mask where it fits a
+memory limit; the item ending at each node. Lookups are batched: one searchsorted and one gather per step.
 """
 
 from __future__ import annotations

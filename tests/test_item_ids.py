@@ -149,7 +149,7 @@ def test_switching_llm_alignment_off_changes_codes_and_is_recorded(tiny_run):
 def test_dataset_without_text_uses_behaviour_alone(tmp_path):
     run_dir = _prepare(tmp_path, with_text=False)
     stats = _semantic(run_dir)
-    assert stats["options"]["llm_alignment"] == {"requested": True, "used": False, "weight": 0.5,
+    assert stats["options"]["llm_alignment"] == {"requested": True, "used": False, "weight": 0.1,
                                                  "note": "skipped: the dataset has no item text"}
     assert stats["collisions"]["after"]["duplicate_codes"] == 0
     assert len(read_item_codes(str(run_dir / "item_ids"))) == NUM_ITEMS
@@ -189,6 +189,15 @@ def test_assign_only_codes_held_out_items_with_the_frozen_codebook(tmp_path):
     topic_first = {t: {int(codes[sources.index(s), 0]) for s in sources if int(s) % NUM_TOPICS == t
                        and s not in HELD_OUT} for t in range(NUM_TOPICS)}
     assert np.mean([codes[sources.index(s), 0] in topic_first[int(s) % NUM_TOPICS] for s in HELD_OUT]) >= 0.9
+
+
+def test_assign_only_without_new_items_keeps_every_code(tiny_run):
+    _semantic(tiny_run)
+    before = code_matrix(read_item_codes(str(tiny_run / "item_ids")))
+    stats = run_build_ids(IdsConfig(**TINY_IDS, assign_only=True), str(tiny_run),
+                          item_embeddings=_behaviour_embeddings(tiny_run))
+    assert stats["assign_only"]["new_items"] == 0
+    assert np.array_equal(code_matrix(read_item_codes(str(tiny_run / "item_ids"))), before)
 
 
 def test_assign_only_needs_a_semantic_item_ids(tiny_run, tmp_path):
@@ -337,10 +346,13 @@ def test_config_fields_documented_and_errors_reported_together():
     assert any("assign_only: true needs scheme semantic" in p for p in IdsConfig(scheme="atomic", assign_only=True).check())
 
 
-def test_build_ids_is_a_stage_after_prepare():
+def test_build_ids_is_a_stage_after_prepare(tiny_run, capsys):
+    from launcher.cli import main
     from launcher.config import load_config
     from launcher.stages import STAGES
 
     assert list(STAGES)[:2] == ["prepare", "build-ids"]
+    assert main(["build-ids", str(REPO / "configs" / "demo.yaml"), f"run_dir={tiny_run}", "ids.scheme=atomic"]) == 0
+    assert "item ids: atomic scheme, 200 items" in capsys.readouterr().out
     cfg = load_config(str(REPO / "configs" / "demo.yaml"), ["ids.scheme=precomputed", "ids.levels=3", "ids.sasrec.epochs=5"])
     assert cfg.ids.scheme == "precomputed" and cfg.ids.levels == 3 and cfg.ids.sasrec.epochs == 5

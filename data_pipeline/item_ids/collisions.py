@@ -1,11 +1,8 @@
-"""Collision counting and resolution for fixed-length code sequences (semantic and precomputed schemes).
+"""Collision counting and resolution for fixed-length codes (semantic, precomputed schemes; cold start).
 
-Rule: in each group of items sharing a code sequence, the item with the best priority (smallest
-quantisation error) keeps it. Every other item moves to the nearest free code at the last level under its
-own prefix; this runs in vectorised rounds where each waiting item proposes its next-nearest code and, when
-several propose the same free code, the best priority gets it. Items whose prefix is full (or whose nearest
-``candidates`` codes are all taken) fall back to a depth-first search in their own preference order that
-backs off to the level above. No extra level is appended, so every item keeps L codes.
+The best-priority item of a shared sequence keeps it; the others take the nearest free last-level code under
+their own prefix (vectorised rounds; the better item wins a contested code), and only where a prefix is full
+fall back to a depth-first search that backs off a level. No extra level is appended: every item keeps L codes.
 """
 
 from __future__ import annotations

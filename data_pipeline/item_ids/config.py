@@ -45,7 +45,7 @@ class IdsConfig:
     """semantic: weight of the commitment term (encoder residual -> its stop-gradient code vector)."""
     llm_alignment: bool = True
     """semantic: pull projected code vectors toward the LM's mean input embedding of the item's title+description (skipped, with a note, when the dataset has no text)."""
-    llm_alignment_weight: float = 0.5
+    llm_alignment_weight: float = 0.1
     """semantic: weight of the LLM-alignment loss relative to the behaviour reconstruction loss."""
     llm_alignment_max_tokens: int = 256
     """semantic: title+description tokens averaged per item for the LLM-alignment target."""

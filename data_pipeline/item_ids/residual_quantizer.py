@@ -1,10 +1,8 @@
-"""The semantic scheme's quantiser: collaborative item embeddings -> L codes out of C per level.
+"""The semantic scheme's quantiser, trained by the build-ids stage and bench/semantic_ids.py alike.
 
-An MLP encoder maps standardised embeddings to a latent; L codebooks quantise it residual by residual,
-each initialised by scikit-learn k-means on a seeded batch; a decoder rebuilds the embedding from the
-straight-through quantised latent (behaviour alignment). Optionally a projection of the code vectors is
-pulled toward each item's LM text embedding (LLM alignment). The build-ids stage and
-bench/semantic_ids.py both train through ``train_quantizer``.
+MLP encoder -> L residual codebooks (each initialised by scikit-learn k-means on a seeded batch) -> decoder
+rebuilding the embedding from the straight-through quantised latent (behaviour alignment); optionally a
+projection of the code prefixes is pulled toward each item's LM text embedding (LLM alignment).
 """
 
 from __future__ import annotations

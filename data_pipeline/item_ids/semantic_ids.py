@@ -30,14 +30,16 @@ RESOLUTION_RULE = ("the item nearest its code keeps a shared sequence; the other
 
 def collaborative_embeddings(dataset_dir: str, sasrec_cfg, seed: int) -> tuple[np.ndarray, dict]:
     """Item embeddings of a SASRec trained on the train split: the quantiser's input."""
-    from trainers.sasrec import train_sasrec
+    from data_pipeline import storage
+    from trainers.sasrec import cached_sasrec
 
     start = time.perf_counter()
-    result = train_sasrec(dataset_dir, sasrec_cfg, seed=seed)
-    embeddings = result.model.item_embeddings().detach().float().cpu().numpy()
-    info = {"source": "sasrec", "hidden_size": int(embeddings.shape[1]), "epochs_run": len(result.losses),
-            "best_epoch": result.best_epoch, "final_train_loss": result.losses[-1] if result.losses else None,
-            "valid_metrics": result.valid_metrics, "seconds": round(time.perf_counter() - start, 2)}
+    # Saved beside the dataset (run_dir/sasrec/): `recllm evaluate` reuses it as its baseline when configs match.
+    cache_root = storage.join(dataset_dir.rstrip("/").rsplit("/", 1)[0], "sasrec")
+    model, losses = cached_sasrec(dataset_dir, sasrec_cfg, seed, cache_root)
+    embeddings = model.item_embeddings().detach().float().cpu().numpy()
+    info = {"source": "sasrec", "hidden_size": int(embeddings.shape[1]), "epochs_run": len(losses),
+            "final_train_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - start, 2)}
     return embeddings, info
 
 
