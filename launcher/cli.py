@@ -16,11 +16,47 @@ def _commands():
     return {**stages.STAGES, "pipeline": stages.pipeline, "plan": stages.plan}
 
 
-USAGE = "usage: recllm <command> CONFIG [key=value ...]\ncommands: {}"
+USAGE = "usage: recllm <command> CONFIG [key=value ...]\ncommands: {}, submit"
+
+
+def submit(argv: list[str]) -> int:
+    """`recllm submit CONFIG --address URL [key=value ...]`: validate here, run on a Ray cluster as a Ray Job."""
+    import argparse
+    import json
+    import os
+
+    from cluster.job_submission import build_submission, run_submission
+    from launcher.stages import STAGES
+
+    parser = argparse.ArgumentParser(prog="recllm submit", description=submit.__doc__)
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+                        help="the cluster's dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    parser.add_argument("--stage", default="pipeline", choices=["pipeline", *STAGES], help="default: pipeline")
+    parser.add_argument("--dry-run", action="store_true", help="print the submission as JSON and send nothing")
+    parser.add_argument("--install-requirements", action="store_true",
+                        help="pip-install requirements.txt into the job (when the cluster image lacks them)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="job environment variable")
+    args = parser.parse_intermixed_args(argv)
+    if not (args.address or args.dry_run):
+        parser.error("--address is required (or set RAY_API_SERVER_ADDRESS)")
+    try:
+        job = build_submission(args.config, args.overrides, stage=args.stage, address=args.address,
+                               install_requirements=args.install_requirements, env=args.env)
+    except ConfigError as exc:
+        print(f"recllm submit: error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(json.dumps(job.as_dict(), indent=2))
+        return 0
+    return run_submission(job)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["submit"]:
+        return submit(argv[1:])
     commands = _commands()
     if len(argv) < 2 or argv[0] not in commands:
         print(USAGE.format(", ".join(commands)), file=sys.stderr)

@@ -50,14 +50,21 @@ def _new_token_count(cfg) -> tuple[int, str]:
 
     from data_pipeline import storage
 
+    def readable(uri: str) -> bool:  # the dry run must work where run_dir is out of reach (no S3 credentials here)
+        try:
+            return storage.exists(uri)
+        except Exception as exc:  # noqa: BLE001 - botocore, fsspec and OS errors alike mean "cannot tell"
+            log.warning("plan: cannot read %s (%s); estimating instead", uri, type(exc).__name__)
+            return False
+
     tokens = storage.join(cfg.run_dir, "item_ids", "tokens.json")
-    if storage.exists(tokens):
+    if readable(tokens):
         return len(json.loads(storage.read_text(tokens))), tokens
     if cfg.ids.scheme in ("semantic", "precomputed"):
         return cfg.ids.levels * cfg.ids.codes, f"{cfg.ids.levels} levels x {cfg.ids.codes} codes"
     if cfg.ids.scheme == "atomic":
         manifest = storage.join(cfg.run_dir, "dataset", "manifest.json")
-        if storage.exists(manifest):
+        if readable(manifest):
             c = json.loads(storage.read_text(manifest))["counts"]
             return c["items"] + c["users"], "one per item and user"
         return 0, "atomic: unknown until `recllm prepare` (0 assumed)"
@@ -87,8 +94,10 @@ def evaluate(cfg) -> None:
     from inference.evaluate import run_evaluate
 
     report = run_evaluate(cfg)
+    k = max(cfg.eval.ks)  # the widest cut-off computed; NDCG@1 equals HR@1 and is not stored
     for name, m in report["models"].items():
-        print(f"{name:8s} HR@10 {m['HR@10']:.4f}  NDCG@10 {m['NDCG@10']:.4f}  invalid {m['invalid_item_rate']:.4f}")
+        print(f"{name:8s} HR@{k} {m[f'HR@{k}']:.4f}  NDCG@{k} {m.get(f'NDCG@{k}', m[f'HR@{k}']):.4f}  "
+              f"invalid {m['invalid_item_rate']:.4f}")
     print(f"report: {cfg.run_dir}/report/report.md")
 
 
