@@ -29,13 +29,15 @@ def _settings(icfg, model_version: str) -> str:
 class ShardWorker:
     """One model replica in the actor pool; called with batches of shard descriptors."""
 
-    def __init__(self, run_dir: str, model_dir: str, icfg, num_items: int, num_users: int, settings: str,
+    def __init__(self, run_dir: str, model_dir: str, icfg, users, num_items: int, num_users: int, settings: str,
                  recent: set[int] | None):
+        import ray
+
         from inference.topk_scorer import TopKScorer
 
         device = "cuda" if icfg.use_gpu else "cpu"
         self.scorer = TopKScorer(run_dir, model_dir, icfg, num_items, num_users, device)
-        self.users = ts.users_to_score(run_dir, icfg.mode)
+        self.users: ts.UserHistories = ray.get(users)  # zero-copy views of the driver's one copy in the object store
         self.topk_dir = storage.join(run_dir, "topk")
         self.settings, self.recent = settings, recent
 
@@ -116,10 +118,11 @@ def run_infer(cfg) -> dict:
         ctx = ray.data.DataContext.get_current()
         ctx.op_resource_reservation_enabled = False
         items = [{"shard": t.shard, "lo": t.lo, "hi": t.hi, "fingerprint": t.fingerprint} for t in todo]
+        users_ref = ray.put(users)  # the replicas share this copy rather than each reading every history again
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ShardWorker, batch_size=1, concurrency=min(icfg.num_replicas, len(items)),
             num_cpus=icfg.cpus_per_replica, num_gpus=1 if icfg.use_gpu else 0,
-            fn_constructor_kwargs={"run_dir": run_dir, "model_dir": model_dir, "icfg": icfg,
+            fn_constructor_kwargs={"run_dir": run_dir, "model_dir": model_dir, "icfg": icfg, "users": users_ref,
                                    "num_items": manifest["counts"]["items"], "num_users": manifest["counts"]["users"],
                                    "settings": settings, "recent": recent})
         results = ds.take_all()

@@ -285,6 +285,20 @@ def test_atomic_scheme_adds_one_token_per_item_and_user(tiny_run):
     assert not (out / "codebook.safetensors").exists()
 
 
+def test_atomic_scheme_without_user_tokens_names_items_only(tiny_run):
+    from inference.user_prompts import PromptBuilder
+
+    stats = run_build_ids(IdsConfig(scheme="atomic", user_tokens=False), str(tiny_run))
+    out = tiny_run / "item_ids"
+    assert json.loads((out / "tokens.json").read_text()) == [f"<item_{i}>" for i in range(NUM_ITEMS)]
+    assert stats["new_tokens"] == NUM_ITEMS and stats["user_tokens"] == 0
+    assert not (out / "user_codes.parquet").exists()
+    prompt = PromptBuilder(str(tiny_run), NUM_ITEMS, 3, max_history=20).prompt(1, [4, 17])
+    assert "<user_" not in prompt and "the user" in prompt and "<item_4>" in prompt and "<item_17>" in prompt
+    assert any("user_tokens: false is only read by scheme atomic" in p
+               for p in IdsConfig(scheme="semantic", user_tokens=False).check())
+
+
 def test_subtoken_scheme_writes_the_tokenizer_ids_of_the_item_text(tiny_run):
     from transformers import PreTrainedTokenizerFast
 

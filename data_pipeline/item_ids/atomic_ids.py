@@ -1,6 +1,7 @@
 """The atomic scheme (CLLM4Rec): one new LM token per item, <item_123>, and per user, <user_45> (dense IDs).
 
-Nothing is learned here; the LM learns the new embeddings during fine-tuning.
+Nothing is learned here; the LM learns the new embeddings during fine-tuning. Without user tokens (a
+vocabulary that does not grow with the user base, as bulk serving wants) only items get tokens.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ def user_token(user_id: int) -> str:
     return f"<user_{user_id}>"
 
 
-def build_atomic_ids(items: pa.Table, users: pa.Table) -> BuiltIds:
+def build_atomic_ids(items: pa.Table, users: pa.Table | None) -> BuiltIds:
+    """Item tokens, plus user tokens and user_codes.parquet when ``users`` is given."""
     item_ids = items.column("item_id").to_pylist()
-    user_ids = users.column("user_id").to_pylist()
     item_tokens = [item_token(i) for i in item_ids]
-    user_tokens = [user_token(u) for u in user_ids]
     table = item_codes_table(items, [[i] for i in item_ids], [[t] for t in item_tokens])
+    if users is None:
+        return BuiltIds(table, item_tokens, {"item_tokens": len(item_tokens), "user_tokens": 0})
+    user_tokens = [user_token(u) for u in users.column("user_id").to_pylist()]
     user_table = pa.table({"user_id": users.column("user_id").cast(pa.int64()),
                            "source_id": users.column("source_id").cast(pa.string()),
                            "token": pa.array(user_tokens, pa.string())})

@@ -144,7 +144,10 @@ def run_build_ids(ids: IdsConfig, run_dir: str, seed: int = 0, model_cfg=None, *
     items = storage.read_parquet(storage.join(dataset_dir, "items.parquet")).sort_by("item_id")
     seed = ids.seed if ids.seed is not None else seed
     if ids.scheme == "atomic":
-        built = build_atomic_ids(items, storage.read_parquet(storage.join(dataset_dir, "users.parquet")).sort_by("user_id"))
+        users = None
+        if ids.user_tokens:
+            users = storage.read_parquet(storage.join(dataset_dir, "users.parquet")).sort_by("user_id")
+        built = build_atomic_ids(items, users)
     elif ids.scheme == "subtoken":
         built = build_subtoken_ids(items, tokenizer if tokenizer is not None else _model_tokenizer(model_cfg))
     elif ids.scheme == "precomputed":

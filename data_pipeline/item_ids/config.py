@@ -22,7 +22,9 @@ def _sasrec_for_ids() -> SASRecConfig:
 @dataclass
 class IdsConfig:
     scheme: str = "semantic"
-    """atomic (one new token per item and user) | subtoken (item_123 split by the LM tokenizer) | semantic (learned L x C codes) | precomputed (<name>.index.json)."""
+    """atomic (one new token per item, and per user unless user_tokens is false) | subtoken (item_123 split by the LM tokenizer) | semantic (learned L x C codes) | precomputed (<name>.index.json)."""
+    user_tokens: bool = True
+    """atomic: also add one token per user, <user_N> (CLLM4Rec); false names items only, and prompts say 'the user'."""
     seed: int | None = None
     """Seed of the quantiser (k-means, initialisation, batch order); empty uses the run's seed."""
     levels: int = 4
@@ -76,6 +78,8 @@ class IdsConfig:
             problems.append(f"assign_only: true needs scheme semantic (a frozen codebook), got scheme {self.scheme!r}")
         if self.assign_from and not self.assign_only:
             problems.append(f"assign_from: {self.assign_from!r} is only read when assign_only is true")
+        if not self.user_tokens and self.scheme != "atomic":
+            problems.append(f"user_tokens: false is only read by scheme atomic, got scheme {self.scheme!r}")
         if self.index_path and self.scheme != "precomputed":
             problems.append(f"index_path: {self.index_path!r} is only read by scheme precomputed")
         return problems
