@@ -4,12 +4,12 @@ tiny LLaMA over atomic item tokens. Prints the peak total RSS of the whole job (
 process of its session, each counted once, sampled every 0.5 s; PSS too, which counts shared pages once), users/s
 and seconds, and checks one top-K row per user. Goal: peak RSS < 4 GB at 1M users.
 
-    python bench/bulk_inference_memory.py                       # 1M users: ~5 min of setup, then the job
+    python bench/bulk_inference_memory.py                       # 1M users
     python bench/bulk_inference_memory.py --users 20000 --work-dir /tmp/bim   # keep (and reuse) the run folder
 
 Users get no <user_N> tokens (ids.user_tokens=false): with them the vocabulary, and the tokenizer every replica
-loads, grows with the user base (about 2.4 GB of tokenizer per process at 1M users), which is a model choice,
-not what this bench measures.
+loads, grow with the user base (gigabytes per replica at 1M users), which is a model choice, not what this bench
+measures.
 """
 
 from __future__ import annotations
@@ -166,7 +166,9 @@ def main_bench(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=2_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replicas", type=int, default=2, help="infer.num_replicas (one CPU thread each)")
-    parser.add_argument("--batch-size", type=int, default=256, help="infer.batch_size: users per forward pass")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="infer.batch_size: users per forward pass (on CPU a larger one is no faster, and its "
+                             "transient tensors leave more freed-but-kept heap in each replica)")
     parser.add_argument("--users-per-shard", type=int, default=8192, help="infer.users_per_shard")
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per process")

@@ -106,7 +106,8 @@ def run_infer(cfg) -> dict:
     tasks = ts.plan_shards(users, icfg.users_per_shard, settings)
     done = ts.complete_shards(topk_dir)
     todo = [t for t in tasks if done.get(t.shard) != t.fingerprint]
-    log.info("%d users in %d shards; %d complete, %d to score", len(users), len(tasks), len(tasks) - len(todo),
+    num_users = len(users)
+    log.info("%d users in %d shards; %d complete, %d to score", num_users, len(tasks), len(tasks) - len(todo),
              len(todo))
     ts.clear_success(topk_dir)
     ts.remove_stale_temporaries(topk_dir)
@@ -119,6 +120,7 @@ def run_infer(cfg) -> dict:
         ctx.op_resource_reservation_enabled = False
         items = [{"shard": t.shard, "lo": t.lo, "hi": t.hi, "fingerprint": t.fingerprint} for t in todo]
         users_ref = ray.put(users)  # the replicas share this copy rather than each reading every history again
+        del users  # and so does the driver: from here on it needs only the shard plan
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ShardWorker, batch_size=1, concurrency=min(icfg.num_replicas, len(items)),
             num_cpus=icfg.cpus_per_replica, num_gpus=1 if icfg.use_gpu else 0,
@@ -133,7 +135,7 @@ def run_infer(cfg) -> dict:
             fs.rm(path)
     seconds = time.perf_counter() - t0
     scored = int(sum(r["scored"] for r in results))
-    summary = {"mode": icfg.mode, "model_version": model_version, "settings": settings, "users": len(users),
+    summary = {"mode": icfg.mode, "model_version": model_version, "settings": settings, "users": num_users,
                "shards": {ts.shard_name(t.shard): t.fingerprint for t in tasks},
                "shards_computed": len(todo), "users_scored": scored,
                "users_reused": int(sum(r["reused"] for r in results)), "seconds": round(seconds, 2),
