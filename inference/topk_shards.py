@@ -68,7 +68,9 @@ def users_to_score(run_dir: str, mode: str) -> UserHistories:
     """test: the test rows' histories; nightly: every user's full history."""
     dataset = storage.join(run_dir, "dataset")
     if mode == "test":
-        users = _from_table(storage.read_parquet(storage.join(dataset, "sequences", "test"), columns=["user_id", "history"]))
+        test = storage.read_parquet(storage.join(dataset, "sequences", "test"), columns=["user_id", "history"])
+        users = _from_table(test)
+        del test
     else:
         inter = storage.read_parquet(storage.join(dataset, "interactions"), columns=["user_id", "item_id", "position"])
         inter = inter.sort_by([("user_id", "ascending"), ("position", "ascending")])
