@@ -10,8 +10,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 GIB = 1024 ** 3
 CUDA_CONTEXT_BYTES = 1.5 * GIB
 """CUDA context, NCCL buffers and kernels' workspace, per GPU."""
@@ -68,6 +66,7 @@ class MemoryPlan:
 
 def meta_model(cfg, new_tokens: int):
     """The configured architecture on the meta device with ``new_tokens`` more vocabulary rows."""
+    import torch
     from transformers import LlamaForCausalLM
 
     from trainers import models
@@ -88,6 +87,8 @@ def meta_model(cfg, new_tokens: int):
 
 
 def trainable_count(model, shape, cfg, new_tokens: int) -> int:
+    import torch
+
     t = cfg.train
     if t.finetune == "full":
         return sum(p.numel() for p in model.parameters())
