@@ -51,15 +51,19 @@ def _export_untrained_model(run_dir: Path) -> None:
     (run_dir / "model" / "recllm_model.json").write_text(json.dumps({"step": 0}))
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, ray_local):
-    root = tmp_path_factory.mktemp("infer")
+def prepared_slice_run(root: Path, users: int = USERS) -> tuple[Path, Path]:
+    """(run_dir, raw): the first ``users`` of Scientific prepared, with item IDs and an exported untrained model."""
     raw, run_dir = root / "raw", root / "run"
-    _slice_scientific(raw, USERS)
+    _slice_scientific(raw, users)
     for stage in ("prepare", "build-ids"):
         assert main([stage, *_args(run_dir, raw)]) == 0
     _export_untrained_model(run_dir)
     return run_dir, raw
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, ray_local):
+    return prepared_slice_run(tmp_path_factory.mktemp("infer"))
 
 
 def _topk(run_dir: Path):

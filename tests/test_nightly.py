@@ -13,7 +13,7 @@ import pytest
 
 from launcher.cli import main
 from tests.conftest import REPO
-from tests.test_infer_integration import _args, _export_untrained_model, _slice_scientific
+from tests.test_infer_integration import _args, prepared_slice_run
 
 pytestmark = pytest.mark.integration
 
@@ -49,13 +49,7 @@ def _files(run_dir: Path) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, ray_local):
     """A run's item_ids/ and an (untrained) exported model/, as `recllm train` leaves them."""
-    root = tmp_path_factory.mktemp("nightly")
-    raw, run_dir = root / "raw", root / "train_run"
-    _slice_scientific(raw, USERS)
-    for stage in ("prepare", "build-ids"):
-        assert main([stage, *_args(run_dir, raw)]) == 0
-    _export_untrained_model(run_dir)
-    return run_dir, raw
+    return prepared_slice_run(tmp_path_factory.mktemp("nightly"), USERS)
 
 
 def test_nightly_command_twice_writes_identical_files_and_recomputes_nothing(trained_run, tmp_path):
