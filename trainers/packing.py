@@ -29,13 +29,17 @@ class TokenizedSample:
     task: int
     input_ids: list[int]
     prompt_len: int
+    entities: list[int] | None = None
+    """Per token, the item/user it names (ControlRec's visibility matrix; see recipes.visibility), else None."""
 
     def to_json(self) -> list:
-        return [self.sample_id, self.task, self.input_ids, self.prompt_len]
+        row = [self.sample_id, self.task, self.input_ids, self.prompt_len]
+        return row + [self.entities] if self.entities is not None else row
 
     @classmethod
     def from_json(cls, row: list) -> "TokenizedSample":
-        return cls(int(row[0]), int(row[1]), list(map(int, row[2])), int(row[3]))
+        entities = list(map(int, row[4])) if len(row) > 4 and row[4] is not None else None
+        return cls(int(row[0]), int(row[1]), list(map(int, row[2])), int(row[3]), entities)
 
 
 def tokenize_sample(tokenizer, prompt: str, response: str, seq_len: int) -> tuple[list[int], int]:
@@ -59,6 +63,8 @@ class PackedBatch:
     """Per label position: the task of the token (-1 where there is no label)."""
     sample_ids: list[int]
     real_tokens: int
+    entity_ids: torch.Tensor | None = None
+    """Per position, the entity key of the token (0 for text and padding), when the samples carry them."""
 
     @property
     def efficiency(self) -> float:
@@ -118,6 +124,8 @@ class Packer:
         labels = np.full((n, L), IGNORE, dtype=np.int64)
         task_ids = np.full((n, L), -1, dtype=np.int64)
         position_ids = np.zeros((n, L), dtype=np.int64)
+        with_entities = any(s.entities is not None for row in rows for s in row)
+        entity_ids = np.zeros((n, L), dtype=np.int64) if with_entities else None
         sample_ids, real = [], 0
         for r, row in enumerate(rows):
             at = 0
@@ -129,13 +137,16 @@ class Packer:
                 # labels[t] is the token at t; the model shifts them, so mark response positions.
                 labels[r, at + s.prompt_len:at + k] = ids[s.prompt_len:]
                 task_ids[r, at + s.prompt_len:at + k] = s.task
+                if entity_ids is not None and s.entities is not None:
+                    entity_ids[r, at:at + k] = s.entities[:k]
                 sample_ids.append(s.sample_id)
                 at += k
                 real += k
             # Padding is its own "sample" (positions restart) so it never attends into real tokens.
             position_ids[r, at:] = np.arange(L - at)
         return PackedBatch(torch.from_numpy(input_ids), torch.from_numpy(labels), torch.from_numpy(position_ids),
-                           torch.from_numpy(task_ids), sample_ids, real)
+                           torch.from_numpy(task_ids), sample_ids, real,
+                           torch.from_numpy(entity_ids) if entity_ids is not None else None)
 
 
 def packed_batches(samples: Iterator[TokenizedSample], packer: Packer) -> Iterator[PackedBatch]:

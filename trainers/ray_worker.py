@@ -17,27 +17,36 @@ import pyarrow as pa
 import torch
 
 from trainers.packing import Packer, TokenizedSample, tokenize_sample
-from trainers.sft_objective import packed_lm_loss
 
 log = logging.getLogger("recllm.train")
 
 SAMPLE_COLUMNS = ["sample_id", "task", "prompt", "response"]
 
 
-def tokenizing_transform(tokenizer, tasks: list[str], seq_len: int):
-    """A Ray Data map function: sample rows -> token ids (one output row per input row)."""
+def tokenizing_transform(tokenizer, tasks: list[str], seq_len: int, entity_index=None):
+    """A Ray Data map function: sample rows -> token ids (one output row per input row); with an
+    ``entity_index`` (ControlRec's visibility matrix) also the item/user each token names."""
     task_index = {t: i for i, t in enumerate(tasks)}
 
     def transform(table: pa.Table) -> pa.Table:
-        ids, prompt_lens = [], []
+        ids, prompt_lens, entities = [], [], []
         for prompt, response in zip(table.column("prompt").to_pylist(), table.column("response").to_pylist()):
-            tokens, n_prompt = tokenize_sample(tokenizer, prompt, response, seq_len)
+            if entity_index is None:
+                tokens, n_prompt = tokenize_sample(tokenizer, prompt, response, seq_len)
+            else:
+                from trainers.recipes.visibility import tokenize_with_entities
+
+                tokens, n_prompt, ents = tokenize_with_entities(tokenizer, prompt, response, seq_len, entity_index)
+                entities.append(ents)
             ids.append(tokens)
             prompt_lens.append(n_prompt)
-        return pa.table({"sample_id": table.column("sample_id"),
-                         "task": pa.array([task_index[t] for t in table.column("task").to_pylist()], pa.int32()),
-                         "input_ids": pa.array(ids, pa.list_(pa.int32())),
-                         "prompt_len": pa.array(prompt_lens, pa.int32())})
+        columns = {"sample_id": table.column("sample_id"),
+                   "task": pa.array([task_index[t] for t in table.column("task").to_pylist()], pa.int32()),
+                   "input_ids": pa.array(ids, pa.list_(pa.int32())),
+                   "prompt_len": pa.array(prompt_lens, pa.int32())}
+        if entity_index is not None:
+            columns["entities"] = pa.array(entities, pa.list_(pa.int64()))
+        return pa.table(columns)
 
     return transform
 
@@ -70,9 +79,11 @@ class SampleFeed:
     def next_batch(self):
         while self.packer.need():
             table = self._next_table()
-            self.packer.add(TokenizedSample(int(s), int(t), ids, int(p)) for s, t, ids, p in zip(
+            entities = (table.column("entities").to_pylist() if "entities" in table.column_names
+                        else [None] * table.num_rows)
+            self.packer.add(TokenizedSample(int(s), int(t), ids, int(p), e) for s, t, ids, p, e in zip(
                 table.column("sample_id").to_pylist(), table.column("task").to_pylist(),
-                table.column("input_ids").to_pylist(), table.column("prompt_len").to_pylist()))
+                table.column("input_ids").to_pylist(), table.column("prompt_len").to_pylist(), entities))
         return self.packer.build()
 
 
@@ -113,6 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
     from trainers.lora_adapters import apply_lora
     from trainers.metrics_logger import MetricsLogger
     from trainers.models import build_model
+    from trainers.recipes.objectives import build_objective
 
     cfg = config["cfg"]
     tcfg = cfg.train
@@ -150,9 +162,12 @@ def train_loop_per_worker(config: dict) -> None:
     engine, optimizer, scheduler = dse.wrap_model(model, tcfg, ds_config)
 
     tasks = config["tasks"]
+    objective = build_objective(tcfg, tasks, tokenizer, new_tokens, str(run_dir), cfg.seed, rank,
+                                getattr(model.config, "_attn_implementation", "sdpa"))
+    entity_index = objective.data.entities if objective.uses_entities else None
     stream = ShardedParquetStream(str(run_dir / "samples" / "train"), rank, world, batch_size=64, seed=cfg.seed,
                                   columns=SAMPLE_COLUMNS,
-                                  transform=tokenizing_transform(tokenizer, tasks, tcfg.seq_len))
+                                  transform=tokenizing_transform(tokenizer, tasks, tcfg.seq_len, entity_index))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     feed = SampleFeed(stream, Packer(tcfg.seq_len, tcfg.micro_batch_size, pad_id, tcfg.packing_lookahead,
                                      tcfg.packing))
@@ -175,6 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     window = {"loss": 0.0, "tokens": 0, "slots": 0, "time": 0.0, "steps": 0}
     task_window = np.zeros((len(tasks), 2))
+    extras_window: dict[str, float] = {}
     step = trainer_state["step"]
     engine.train()
     while step < tcfg.max_steps:
@@ -183,10 +199,9 @@ def train_loop_per_worker(config: dict) -> None:
         step_ids: list[int] = []
         for _ in range(tcfg.gradient_accumulation_steps):
             batch = feed.next_batch()
-            out = engine(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                         use_cache=False)
-            loss, per_task = packed_lm_loss(out.logits, batch.labels.to(device), batch.task_ids.to(device),
-                                            len(tasks))
+            loss, per_task, extras = objective.loss(engine, batch, step, device)
+            for key, value in extras.items():
+                extras_window[key] = extras_window.get(key, 0.0) + value / tcfg.gradient_accumulation_steps
             engine.backward(loss)
             engine.step()
             window["loss"] += loss.item() / tcfg.gradient_accumulation_steps
@@ -213,6 +228,8 @@ def train_loop_per_worker(config: dict) -> None:
         for i, task in enumerate(tasks):
             if task_window[i, 1]:
                 metrics[f"loss/{task}"] = task_window[i, 0] / task_window[i, 1]
+        metrics.update({f"objective/{k}": v / window["steps"] for k, v in extras_window.items()})
+        extras_window.clear()
         if peak:
             metrics["mfu"] = tokens_per_s * flops_token / (peak * world)
         metrics_log.log(step, {k: v for k, v in metrics.items() if k != "step"})

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from launcher.config_schema import choice, positive
+from trainers.recipes.config import OBJECTIVES, CLLM4RecConfig, ControlRecConfig
 
 FINETUNE = ("lora", "full")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -73,9 +74,16 @@ class TrainConfig:
     """Peak dense bf16 TFLOP/s of one GPU for MFU; 0 detects H100/H200/A100."""
     record_samples: bool = True
     """Log the sample_ids each worker trains on per step (samples_seen/), for audits of resumes."""
+    objective: str = "sft"
+    """sft (packed next-token loss) | controlrec (+ HFM, instruction contrast, visibility) | cllm4rec (+ restricted softmaxes, mutual regularization)."""
+    controlrec: ControlRecConfig = field(default_factory=ControlRecConfig)
+    """ControlRec's components and weights (objective controlrec)."""
+    cllm4rec: CLLM4RecConfig = field(default_factory=CLLM4RecConfig)
+    """CLLM4Rec's components and weights (objective cllm4rec)."""
 
     def check(self) -> list[str]:
-        problems = choice("finetune", self.finetune, FINETUNE) + choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        problems = (choice("finetune", self.finetune, FINETUNE) + choice("lr_schedule", self.lr_schedule, SCHEDULES)
+                    + choice("objective", self.objective, OBJECTIVES))
         for name in ("num_workers", "micro_batch_size", "gradient_accumulation_steps", "seq_len", "max_steps",
                      "log_every", "packing_lookahead", "lora_r", "lora_alpha", "cpus_per_worker",
                      "gpus_per_node", "gpu_memory_gb", "keep_checkpoints"):

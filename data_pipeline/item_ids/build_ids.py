@@ -147,7 +147,7 @@ def run_build_ids(ids: IdsConfig, run_dir: str, seed: int = 0, model_cfg=None, *
         users = None
         if ids.user_tokens:
             users = storage.read_parquet(storage.join(dataset_dir, "users.parquet")).sort_by("user_id")
-        built = build_atomic_ids(items, users)
+        built = build_atomic_ids(items, users, ids.content_tokens)
     elif ids.scheme == "subtoken":
         built = build_subtoken_ids(items, tokenizer if tokenizer is not None else _model_tokenizer(model_cfg))
     elif ids.scheme == "precomputed":

@@ -25,6 +25,8 @@ class IdsConfig:
     """atomic (one new token per item, and per user unless user_tokens is false) | subtoken (item_123 split by the LM tokenizer) | semantic (learned L x C codes) | precomputed (<name>.index.json)."""
     user_tokens: bool = True
     """atomic: also add one token per user, <user_N> (CLLM4Rec); false names items only, and prompts say 'the user'."""
+    content_tokens: bool = False
+    """atomic: also add a content twin per item and user, <text_item_N> / <text_user_N>, for CLLM4Rec's content LM (tied to <item_N> by mutual regularization)."""
     seed: int | None = None
     """Seed of the quantiser (k-means, initialisation, batch order); empty uses the run's seed."""
     levels: int = 4
@@ -62,6 +64,8 @@ class IdsConfig:
 
     def check(self) -> list[str]:
         problems = choice("scheme", self.scheme, SCHEMES)
+        if self.content_tokens and self.scheme != "atomic":
+            problems.append(f"content_tokens: true needs scheme atomic (content twins of <item_N>), got {self.scheme!r}")
         for name in ("levels", "codes", "latent_dim", "epochs", "batch_size", "kmeans_sample", "lr",
                      "llm_alignment_max_tokens"):
             problems += positive(name, getattr(self, name))

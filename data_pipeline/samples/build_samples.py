@@ -19,12 +19,14 @@ import pyarrow as pa
 
 from data_pipeline import storage
 from data_pipeline.errors import DataError
+from data_pipeline.item_ids.atomic_ids import content_twin
 from data_pipeline.item_ids.item_codes import ITEM_CODES_FILE, STATS_FILE
 from data_pipeline.samples.config import TASKS, SamplesConfig
 from data_pipeline.samples.item_rendering import clean_text, item_names, read_item_ids, user_names
 from data_pipeline.samples.prompt_templates import templates_in_use
-from data_pipeline.samples.tasks import (ItemText, SequenceRows, TaskSamples, negative_samples, query_alignment_samples,
-                                         sequential_samples, text_alignment_samples)
+from data_pipeline.samples.tasks import (ItemText, SequenceRows, TaskSamples, collaborative_lm_samples,
+                                         content_lm_samples, negative_samples, query_alignment_samples,
+                                         sequential_samples, text_alignment_samples, user_documents)
 from data_pipeline.sharding import user_shard
 
 log = logging.getLogger("recllm.samples")
@@ -32,7 +34,8 @@ log = logging.getLogger("recllm.samples")
 SCHEMA_VERSION = 1
 SAMPLE_SCHEMA = pa.schema([("sample_id", pa.int64()), ("task", pa.string()), ("prompt", pa.string()),
                            ("response", pa.string()), ("user_id", pa.int64()), ("item_id", pa.int64())])
-TASK_CODES = {"sequential": 1, "text_alignment": 2, "query_alignment": 3, "negative": 4}
+TASK_CODES = {"sequential": 1, "text_alignment": 2, "query_alignment": 3, "negative": 4, "collaborative_lm": 5,
+              "content_lm": 6}
 VALID_CODE = 15
 ID_BITS = 40
 """sample_id = task code << 40 | index of the sample in its task's generation order: unique across tasks and
@@ -59,6 +62,30 @@ def interacted_items(dataset_dir: str) -> dict[int, frozenset[int]]:
     users, items = users[order], items[order]
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.array([], int)
     return {int(users[s]): frozenset(chunk.tolist()) for s, chunk in zip(starts, np.split(items, starts[1:]))}
+
+
+def train_reviews(dataset_dir: str, rows: SequenceRows) -> list[tuple[int, int, str]]:
+    """(user, item, review text) of the interactions in the train split only, when the dataset kept reviews."""
+    inter = storage.read_parquet(storage.join(dataset_dir, "interactions"))
+    if "review" not in inter.column_names or inter.column("review").null_count == inter.num_rows:
+        return []
+    train_pairs = {(u, i) for u, items in user_documents(rows).items() for i in items}
+    out = []
+    for u, i, text in zip(inter.column("user_id").to_pylist(), inter.column("item_id").to_pylist(),
+                          inter.column("review").to_pylist()):
+        if text and text.strip() and (u, i) in train_pairs:
+            out.append((u, i, text.strip()))
+    return sorted(out)
+
+
+def content_names(names: list[str], users: list[str], tokens: list[str]) -> tuple[list[str], list[str]]:
+    """The names the content LM uses: the content twins (<text_item_N>) when build-ids added them, else the
+    collaborative names themselves (embeddings shared instead of tied by regularization)."""
+    vocab = set(tokens)
+    if not names or content_twin(names[0]) not in vocab:
+        return names, users
+    return ([content_twin(n) for n in names],
+            [" ".join(content_twin(w) if w.startswith("<user_") else w for w in u.split()) for u in users])
 
 
 def to_table(task: str, samples: TaskSamples, code: int, keep: np.ndarray | None) -> pa.Table:
@@ -115,7 +142,7 @@ def build_samples(cfg: SamplesConfig, run_dir: str, seed: int, scheme: str | Non
     tasks: dict[str, TaskSamples] = {}
     notes: dict[str, str] = {}
     for task in [t for t in TASKS if t in cfg.tasks]:
-        if task in ("text_alignment", "query_alignment") and not text.has_text:
+        if task in ("text_alignment", "query_alignment", "content_lm") and not text.has_text:
             notes[task] = "skipped: the dataset has no item text"
             log.info("%s skipped: the dataset has no item titles or descriptions", task)
             continue
@@ -127,6 +154,14 @@ def build_samples(cfg: SamplesConfig, run_dir: str, seed: int, scheme: str | Non
             tasks[task] = text_alignment_samples(text, names, templates, rng, cfg.max_description_words)
         elif task == "query_alignment":
             tasks[task] = query_alignment_samples(text, names, templates, rng, cfg.query_phrase_words)
+        elif task == "collaborative_lm":
+            tasks[task] = collaborative_lm_samples(train, names, users, templates["item_document"], rng,
+                                                   cfg.max_history_in_prompt)
+        elif task == "content_lm":
+            tokens = json.loads(storage.read_text(storage.join(ids_dir, "tokens.json")))
+            c_names, c_users = content_names(names, users, tokens)
+            tasks[task] = content_lm_samples(text, train_reviews(dataset_dir, train), c_names, c_users, templates,
+                                             rng, cfg.max_description_words)
         else:
             tasks[task] = negative_samples(train, names, users, interacted_items(dataset_dir), items.num_rows,
                                            templates["not_interested"], rng, cfg.negative_ratio,

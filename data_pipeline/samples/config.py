@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 
 from launcher.config_schema import positive
 
-TASKS = ("sequential", "text_alignment", "query_alignment", "negative")
+TASKS = ("sequential", "text_alignment", "query_alignment", "negative", "collaborative_lm", "content_lm")
+DEFAULT_TASKS = ("sequential", "text_alignment", "query_alignment", "negative")
 
 
 @dataclass
 class SamplesConfig:
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    """Tasks to build: sequential | text_alignment | query_alignment | negative (text tasks skip items without text)."""
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    """Tasks to build: sequential | text_alignment | query_alignment | negative | collaborative_lm | content_lm (CLLM4Rec; text tasks skip items without text)."""
     negative_ratio: int = 3
     """negative: items the user never interacted with, named as 'not interested', per positive (next) item."""
     max_history_in_prompt: int = 20

@@ -30,6 +30,11 @@ VARIANT_SLOTS: dict[str, dict[str, tuple[set[str], set[str], set[str]]]] = {
         "without_category": ({"phrase"}, set(), {"item"}),
     },
     "negative": {"not_interested": ({"history", "negatives"}, {"user"}, {"item"})},
+    "collaborative_lm": {"item_document": ({"user"}, set(), {"items"})},
+    "content_lm": {
+        "item_text": ({"item"}, set(), {"text"}),
+        "user_review": ({"user", "item"}, set(), {"review"}),
+    },
 }
 
 
@@ -80,3 +85,25 @@ def load_templates(task: str) -> dict[str, list[PromptTemplate]]:
 def templates_in_use(task: str, per_variant: int | None) -> dict[str, list[PromptTemplate]]:
     """The first ``per_variant`` templates of each variant (all when None)."""
     return {v: ts[:per_variant] if per_variant else ts for v, ts in load_templates(task).items()}
+
+
+INSTRUCTION_BANK = "instruction_bank.json"
+MIN_PARAPHRASES = 10
+
+
+@functools.cache
+def load_instruction_bank() -> dict[str, list[str]]:
+    """ControlRec's paraphrased instructions per task (``templates/instruction_bank.json``); every task needs
+    at least MIN_PARAPHRASES distinct ones and there must be two tasks to contrast."""
+    where = f"{TEMPLATE_PACKAGE}/{INSTRUCTION_BANK}"
+    data = json.loads(resources.files(TEMPLATE_PACKAGE).joinpath(INSTRUCTION_BANK).read_text(encoding="utf-8"))
+    bank = data.get("tasks", {})
+    if len(bank) < 2:
+        raise DataError(where, f"{len(bank)} task(s); instruction contrast needs at least 2")
+    for task, lines in bank.items():
+        if not isinstance(lines, list) or not all(isinstance(x, str) and x.strip() for x in lines):
+            raise DataError(where, "expected a list of non-empty strings", row=task)
+        if len(set(lines)) < MIN_PARAPHRASES:
+            raise DataError(where, f"{len(set(lines))} distinct paraphrases; need at least {MIN_PARAPHRASES}",
+                            row=task)
+    return {task: list(dict.fromkeys(lines)) for task, lines in bank.items()}

@@ -163,3 +163,50 @@ def negative_samples(rows: SequenceRows, item_names: list[str], user_names: list
                                         negatives=render_items(item_names, negatives), item=item_names[target]),
                 user, target)
     return out
+
+
+def user_documents(rows: SequenceRows) -> dict[int, list[int]]:
+    """Per user, the longest train row's history + target: every train interaction, in order."""
+    docs: dict[int, list[int]] = {}
+    for user, history, target in zip(rows.user_ids.tolist(), rows.histories, rows.targets.tolist()):
+        if len(history) + 1 > len(docs.get(user, ())):
+            docs[user] = list(history) + [target]
+    return docs
+
+
+def collaborative_lm_samples(rows: SequenceRows, item_names: list[str], user_names: list[str],
+                             templates: list[PromptTemplate], rng: np.random.Generator,
+                             max_items: int) -> TaskSamples:
+    """CLLM4Rec's collaborative LM: per user, '{user} has interacted with' -> their train items (last
+    ``max_items``) written as item tokens with no separator, so the main text is item tokens only."""
+    out = TaskSamples()
+    docs = user_documents(rows)
+    joiner = "" if all(n.startswith("<") and n.endswith(">") for n in item_names[:100]) else ITEM_SEPARATOR
+    for user, items in _bar(sorted(docs.items()), "samples: collaborative_lm", len(docs)):
+        items = items[-max_items:]
+        pick = int(rng.integers(len(templates)))
+        out.add(*templates[pick].render(user=user_names[user], items=joiner.join(item_names[i] for i in items)),
+                user, items[-1])
+    return out
+
+
+def content_lm_samples(text: ItemText, reviews: list[tuple[int, int, str]], item_names: list[str],
+                       user_names: list[str], templates: dict[str, list[PromptTemplate]], rng: np.random.Generator,
+                       max_words: int) -> TaskSamples:
+    """CLLM4Rec's content LM: item content token -> its title and description; and, where the data has review
+    text, user + item content tokens -> the review (``reviews``: train interactions only)."""
+    out = TaskSamples()
+    for item, (title, description) in _bar(enumerate(zip(text.titles, text.descriptions)), "samples: content_lm",
+                                           len(text.titles)):
+        body = ". ".join(t for t in (title, description) if t)
+        if not body:
+            out.skip("item without title or description")
+            continue
+        ts = templates["item_text"]
+        out.add(*ts[int(rng.integers(len(ts)))].render(item=item_names[item], text=cut_words(body, max_words)),
+                None, item)
+    ts = templates["user_review"]
+    for user, item, review in reviews:
+        out.add(*ts[int(rng.integers(len(ts)))].render(user=user_names[user], item=item_names[item],
+                                                       review=cut_words(review, max_words)), user, item)
+    return out

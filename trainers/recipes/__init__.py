@@ -1,0 +1,1 @@
+"""Training objectives of the shared trainer: plain alignment SFT, ControlRec and CLLM4Rec (pure torch)."""

@@ -1,0 +1,176 @@
+"""The loss the shared trainer optimises, per recipe: plain alignment SFT (packed next-token loss), ControlRec
+(+ heterogeneous feature matching, instruction contrast, visibility matrix) and CLLM4Rec (item-token and
+vocabulary-only softmaxes, mutual regularization of collaborative and content token rows).
+
+``build_objective`` picks one from ``train.objective``; ``ray_worker`` calls ``objective.loss(model, batch,
+step)`` once per micro-step. Pure torch: the model may be a DeepSpeed engine, but nothing here knows it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from trainers.recipes.contrastive_losses import hfm_loss, icl_loss, icl_weight, mean_pool
+from trainers.recipes.controlrec_data import ControlRecData
+from trainers.recipes.restricted_softmax import mutual_regularization, restricted_lm_loss
+from trainers.recipes.visibility import visibility_mask
+from trainers.sft_objective import packed_lm_loss
+
+log = logging.getLogger("recllm.train")
+
+
+class SFTObjective:
+    """Next-token cross-entropy on the response tokens of packed rows."""
+
+    uses_entities = False
+
+    def __init__(self, num_tasks: int):
+        self.num_tasks = num_tasks
+
+    def lm_forward(self, model, batch, device):
+        return model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                     use_cache=False)
+
+    def loss(self, model, batch, step: int, device) -> tuple[torch.Tensor, np.ndarray, dict[str, float]]:
+        out = self.lm_forward(model, batch, device)
+        loss, per_task = packed_lm_loss(out.logits, batch.labels.to(device), batch.task_ids.to(device), self.num_tasks)
+        return loss, per_task, {}
+
+
+class ControlRecObjective(SFTObjective):
+    """SFT + w * HFM + lambda_t * ICL; with the visibility matrix as the packed rows' attention mask."""
+
+    def __init__(self, num_tasks: int, cfg, data: ControlRecData, tokenizer, total_steps: int, seed: int,
+                 rank: int, attn_implementation: str):
+        super().__init__(num_tasks)
+        self.cfg, self.data, self.tokenizer = cfg, data, tokenizer
+        self.total_steps, self.seed, self.rank = total_steps, seed, rank
+        self.uses_entities = cfg.visibility
+        if cfg.visibility and attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"train.controlrec.visibility needs an attention kernel that takes an additive mask "
+                             f"(sdpa or eager), the model uses {attn_implementation!r}: set model.attn_implementation"
+                             f"=sdpa, or train.controlrec.visibility=false")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def lm_forward(self, model, batch, device):
+        kwargs = {}
+        if self.cfg.visibility and batch.entity_ids is not None:
+            dtype = next(p for p in model.parameters()).dtype
+            kwargs["attention_mask"] = visibility_mask(batch.position_ids, batch.entity_ids, self.data.graph,
+                                                       dtype).to(device)
+        return model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                     use_cache=False, **kwargs)
+
+    def _encode(self, model, texts: list[str], device, max_tokens: int = 64) -> torch.Tensor:
+        """Mean-pooled last decoder states of ``texts`` (one padded forward pass)."""
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] or [self.pad_id] for t in texts]
+        width = max(map(len, ids))
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for r, row in enumerate(ids):
+            input_ids[r, :len(row)] = torch.tensor(row)
+            mask[r, :len(row)] = 1
+        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                    use_cache=False, logits_to_keep=1)
+        return mean_pool(out.hidden_states[-1], mask.to(device))
+
+    def loss(self, model, batch, step: int, device):
+        loss, per_task, extras = super().loss(model, batch, step, device)
+        rng = np.random.default_rng([self.seed, self.rank, step, 7])
+        texts: list[str] = []
+        hfm = icl = None
+        if self.cfg.hfm:
+            hfm = self.data.hfm_texts(rng, self.cfg.hfm_negatives + 1)
+            texts += hfm.all_texts()
+        if self.cfg.icl:
+            icl = self.data.icl_texts(rng, self.cfg.icl_anchors, self.cfg.icl_negatives)
+            texts += icl.all_texts()
+        if not texts:
+            return loss, per_task, extras
+        vecs = self._encode(model, texts, device)
+        at = 0
+        if hfm is not None:
+            b = len(hfm.id_texts)
+            parts = vecs[at:at + 4 * b].split(b)
+            at += 4 * b
+            term, hfm_parts = hfm_loss(*parts, temperature=self.cfg.temperature)
+            loss = loss + self.cfg.hfm_weight * term
+            extras.update({"hfm": term.item(), **hfm_parts})
+        if icl is not None:
+            a, m = len(icl.anchors), self.cfg.icl_negatives
+            anchors, positives = vecs[at:at + a], vecs[at + a:at + 2 * a]
+            negatives = vecs[at + 2 * a:at + 2 * a + a * m].reshape(a, m, -1)
+            term = icl_loss(anchors, positives, negatives, self.cfg.temperature)
+            weight = icl_weight(step, self.total_steps, self.cfg.icl_lambda0)
+            loss = loss + weight * term
+            extras.update({"icl": term.item(), "icl_weight": weight})
+        return loss, per_task, extras
+
+
+class CLLM4RecObjective(SFTObjective):
+    """Restricted-softmax LM loss per task + mutual regularization of <item_N>/<text_item_N> rows."""
+
+    def __init__(self, num_tasks: int, cfg, tasks: list[str], tokenizer, new_tokens: list[str], item_tokens: list[str]):
+        super().__init__(num_tasks)
+        self.cfg = cfg
+        vocab = len(tokenizer)
+        item_ids = torch.tensor(sorted(tokenizer.convert_tokens_to_ids(item_tokens)), dtype=torch.long)
+        new_ids = set(tokenizer.convert_tokens_to_ids(new_tokens))
+        base_ids = torch.tensor([i for i in range(vocab) if i not in new_ids], dtype=torch.long)
+        self.restrictions: dict[int, torch.Tensor] = {}
+        for t, name in enumerate(tasks):
+            if name == "sequential" and cfg.multinomial_head:
+                self.restrictions[t] = item_ids
+            elif name == "collaborative_lm" and cfg.collaborative_restricted:
+                self.restrictions[t] = item_ids
+            elif name == "content_lm" and cfg.content_restricted:
+                self.restrictions[t] = base_ids
+        from data_pipeline.item_ids.atomic_ids import CONTENT_PREFIX, content_twin
+
+        known = set(new_tokens)
+        self.partner = torch.full((vocab,), -1, dtype=torch.long)
+        pairs = [(tok, content_twin(tok)) for tok in new_tokens
+                 if not tok.startswith(CONTENT_PREFIX) and content_twin(tok) in known]
+        if pairs:
+            a = tokenizer.convert_tokens_to_ids([p[0] for p in pairs])
+            b = tokenizer.convert_tokens_to_ids([p[1] for p in pairs])
+            self.partner[torch.tensor(a)] = torch.tensor(b)
+        self.has_twins = bool(pairs)
+        log.info("cllm4rec: restricted softmax on tasks %s; %d collaborative/content token pairs",
+                 [tasks[t] for t in self.restrictions], len(pairs))
+
+    def loss(self, model, batch, step: int, device):
+        out = self.lm_forward(model, batch, device)
+        input_ids = batch.input_ids.to(device)
+        loss, per_task = restricted_lm_loss(out.logits, batch.labels.to(device), batch.task_ids.to(device),
+                                            self.num_tasks, self.restrictions)
+        extras: dict[str, float] = {}
+        if self.has_twins and self.cfg.mutual_regularization > 0:
+            embedding = model.module.get_input_embeddings() if hasattr(model, "module") else model.get_input_embeddings()
+            reg = mutual_regularization(embedding, input_ids, self.partner, self.cfg.mutual_regularization)
+            loss = loss + reg
+            extras["mutual_regularization"] = reg.item()
+        return loss, per_task, extras
+
+
+def build_objective(tcfg, tasks: list[str], tokenizer, new_tokens: list[str], run_dir: str, seed: int, rank: int,
+                    attn_implementation: str):
+    """The objective ``train.objective`` names, with the side data it reads from run_dir."""
+    if tcfg.objective == "controlrec":
+        data = ControlRecData.load(run_dir, tcfg.controlrec, max_history=20)
+        return ControlRecObjective(len(tasks), tcfg.controlrec, data, tokenizer, tcfg.max_steps, seed, rank,
+                                   attn_implementation)
+    if tcfg.objective == "cllm4rec":
+        from data_pipeline.item_ids.item_codes import ITEM_CODES_FILE
+        import pyarrow.parquet as pq
+
+        from pathlib import Path
+
+        codes = pq.read_table(Path(run_dir) / "item_ids" / ITEM_CODES_FILE, columns=["tokens"]).column("tokens").to_pylist()
+        if any(len(c) != 1 for c in codes):
+            raise ValueError("train.objective=cllm4rec needs one token per item (ids.scheme=atomic)")
+        return CLLM4RecObjective(len(tasks), tcfg.cllm4rec, tasks, tokenizer, new_tokens, [c[0] for c in codes])
+    return SFTObjective(len(tasks))

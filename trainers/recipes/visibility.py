@@ -1,0 +1,138 @@
+"""ControlRec's visibility matrix: inside a packed row, a token of one ID (an item or user named in the
+text) may attend to a token of another ID only when the two are related in the training interaction graph
+(the user interacted with the item; two items were interacted with by one user). Text tokens see and are seen
+as usual. The result is an additive 4D mask (0 / dtype-min) that also keeps packed samples apart, which
+Hugging Face LLaMA hands unchanged to SDPA (and eager). Flash-attention kernels take no arbitrary mask, so
+the trainer runs this recipe with SDPA.
+
+Entity keys: item i -> i + 1, user u -> -(u + 1), plain text -> 0.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+ENTITY_PATTERN = re.compile(r"<[a-z_]+_\d+>|\b(?:item|user)_\d+\b")
+"""Candidate ID mentions: atomic tokens (<item_12>, <user_3>) and subtoken names (item_1471)."""
+
+
+def item_key(item: int) -> int:
+    return item + 1
+
+
+def user_key(user: int) -> int:
+    return -(user + 1)
+
+
+class EntityIndex:
+    """Maps the names a prompt uses for items/users (from item_ids/) to entity keys."""
+
+    def __init__(self, item_names: list[str], user_names: list[str] | None = None):
+        self.keys: dict[str, int] = {name: item_key(i) for i, name in enumerate(item_names)}
+        for u, name in enumerate(user_names or []):
+            token = name.split()[-1]  # 'user <user_5>' -> '<user_5>'
+            if ENTITY_PATTERN.fullmatch(token):
+                self.keys[token] = user_key(u)
+
+    def spans(self, text: str) -> list[tuple[int, int, int]]:
+        """(start, end, key) of every known ID mention in ``text``, by character offsets."""
+        return [(m.start(), m.end(), self.keys[m.group()]) for m in ENTITY_PATTERN.finditer(text)
+                if m.group() in self.keys]
+
+
+def token_entities(offsets: list[tuple[int, int]], spans: list[tuple[int, int, int]]) -> list[int]:
+    """Per token (character offsets), the key of the mention its first non-space character falls in, else 0."""
+    out = [0] * len(offsets)
+    j = 0
+    for t, (start, end) in enumerate(offsets):
+        while j < len(spans) and spans[j][1] <= start:
+            j += 1
+        if j < len(spans) and end > spans[j][0] and start < spans[j][1]:
+            out[t] = spans[j][2]
+    return out
+
+
+class InteractionGraph:
+    """Which entity pairs are related: user-item edges of the train sequences and item-item co-interactions."""
+
+    def __init__(self, histories: list[list[int]], users: list[int], window: int = 0):
+        keys = []
+        for user, items in zip(users, histories):
+            arr = np.fromiter((item_key(i) for i in dict.fromkeys(items)), np.int64)
+            keys.append(self._keys(np.full(len(arr), user_key(user), np.int64), arr))
+            a, b = np.triu_indices(len(arr), k=1)
+            if window > 0:
+                near = b - a <= window
+                a, b = a[near], b[near]
+            keys.append(self._keys(arr[a], arr[b]))
+        self._pairs = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+        self.num_edges = len(self._pairs)
+
+    @staticmethod
+    def _keys(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """One int64 per unordered pair of entity keys (|key| < 2**30)."""
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        return ((lo + (1 << 30)) << 31) | (hi + (1 << 30))
+
+    @staticmethod
+    def _key(a: int, b: int) -> int:
+        lo, hi = min(a, b), max(a, b)
+        return ((lo + (1 << 30)) << 31) | (hi + (1 << 30))
+
+    def related(self, a: int, b: int) -> bool:
+        if a == b:
+            return True
+        k = self._key(a, b)
+        i = np.searchsorted(self._pairs, k)
+        return bool(i < len(self._pairs) and self._pairs[i] == k)
+
+
+def visibility_mask(position_ids: torch.Tensor, entity_ids: torch.Tensor, graph: InteractionGraph,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, L, L] additive mask: causal, within one packed sample (positions restart at 0), and between
+    tokens of two different IDs only when ``graph`` relates them."""
+    b, length = position_ids.shape
+    segment = (position_ids == 0).cumsum(-1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = causal & (segment.unsqueeze(-1) == segment.unsqueeze(-2))
+    for r in range(b):
+        keys = entity_ids[r]
+        present = torch.unique(keys[keys != 0]).tolist()
+        if len(present) < 2:
+            continue
+        local = torch.zeros_like(keys)
+        for n, k in enumerate(present, start=1):
+            local[keys == k] = n
+        table = torch.ones(len(present) + 1, len(present) + 1, dtype=torch.bool)
+        for i, a in enumerate(present, start=1):
+            for j, c in enumerate(present, start=1):
+                if j > i:
+                    table[i, j] = table[j, i] = graph.related(a, c)
+        table = table.to(keys.device)
+        allowed[r] &= table[local.unsqueeze(-1), local.unsqueeze(-2)]
+    mask = torch.zeros(b, 1, length, length, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
+
+
+def tokenize_with_entities(tokenizer, prompt: str, response: str, seq_len: int,
+                           index: EntityIndex) -> tuple[list[int], int, list[int]]:
+    """``packing.tokenize_sample`` plus the entity key of every token (same ids, same cuts)."""
+    from trainers.packing import frame_prompt
+
+    def encode(text: str) -> tuple[list[int], list[int]]:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], token_entities(enc["offset_mapping"], index.spans(text))
+
+    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids, prompt_ents = encode(frame_prompt(prompt))
+    response_ids, response_ents = encode(response)
+    response_ids, response_ents = response_ids + [tokenizer.eos_token_id], response_ents + [0]
+    keep = seq_len - len(head) - 1
+    response_ids, response_ents = response_ids[:keep], response_ents[:keep]
+    room = seq_len - len(head) - len(response_ids)
+    prompt_ids, prompt_ents = (prompt_ids[-room:], prompt_ents[-room:]) if room > 0 else ([], [])
+    ids = head + prompt_ids + response_ids
+    return ids, len(head) + len(prompt_ids), [0] * len(head) + prompt_ents + response_ents
