@@ -190,3 +190,59 @@ def test_packer_carries_entities_and_keeps_them_on_resume():
     for p in (packer, restored):
         batch = p.build()
         assert batch.entity_ids[0].tolist() == [0, 5, 5, 0, 0, 0, 0, 0]
+
+
+# ------------------------------------------------------------------------------ objectives on a tiny LLaMA
+
+def _packed(tok, pairs, seq_len=48):
+    packer = Packer(seq_len=seq_len, rows=2, pad_id=tok.eos_token_id, lookahead=8)
+    packer.add(TokenizedSample(i, task, *tokenize_sample(tok, p, r, seq_len)) for i, (task, p, r) in enumerate(pairs))
+    return packer.build()
+
+
+def test_cllm4rec_objective_scores_only_labelled_positions_like_the_full_logits():
+    from trainers.models import tiny
+    from trainers.recipes.config import CLLM4RecConfig
+    from trainers.recipes.objectives import CLLM4RecObjective
+
+    items = [f"<item_{i}>" for i in range(6)]
+    new = items + ["<user_0>"] + [f"<text_item_{i}>" for i in range(6)] + ["<text_user_0>"]
+    model, tok = tiny(new, seed=0)
+    tasks = ["sequential", "collaborative_lm", "content_lm"]
+    batch = _packed(tok, [(0, "user <user_0> had <item_1>, <item_2>. Next?", "<item_3>"),
+                          (1, "user <user_0> has interacted with", "<item_1><item_2><item_3>"),
+                          (2, "Describe item <text_item_4>.", "A blue widget.")])
+    objective = CLLM4RecObjective(3, CLLM4RecConfig(mutual_regularization=0.5), tasks, tok, new, items)
+    loss, per_task, extras = objective.loss(model, batch, 0, "cpu")
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
+    expected, expected_tasks = restricted_lm_loss(logits, batch.labels, batch.task_ids, 3, objective.restrictions)
+    reg = mutual_regularization(model.get_input_embeddings(), batch.input_ids, objective.partner, 0.5)
+    assert loss.item() == pytest.approx(expected.item() + reg.item(), rel=1e-4)
+    assert per_task == pytest.approx(expected_tasks, rel=1e-3)
+    assert per_task[0, 1] == 1 and per_task[1, 1] == 3  # one item answer; three item tokens, EOS unscored
+    assert extras["mutual_regularization"] == pytest.approx(reg.item())
+    assert reg.item() > 0  # <item_1..4> and <text_item_4> start from different noise
+
+
+def test_controlrec_objective_adds_both_contrastive_terms_with_the_schedule():
+    from trainers.models import tiny
+    from trainers.recipes.config import ControlRecConfig
+    from trainers.recipes.controlrec_data import ControlRecData
+    from trainers.recipes.objectives import ControlRecObjective, SFTObjective
+
+    model, tok = tiny(attn_implementation="sdpa", seed=0)
+    names = [f"item_{i}" for i in range(12)]
+    data = ControlRecData(names, [f"widget number {i} in blue" for i in range(12)],
+                          [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]], [2, 5, 7, 10], [0, 1, 2, 3], None, 0, 20)
+    batch = _packed(tok, [(0, "History: item_0, item_1. Next?", "item_2"),
+                          (0, "History: item_5, item_6. Next?", "item_7")])
+    cfg = ControlRecConfig(hfm_negatives=3, icl_anchors=2, icl_negatives=2, visibility=False)
+    objective = ControlRecObjective(1, cfg, data, tok, total_steps=10, seed=0, rank=0, attn_implementation="sdpa")
+    sft, _, _ = SFTObjective(1).loss(model, batch, 0, "cpu")
+    loss, _, extras = objective.loss(model, batch, 5, "cpu")
+    assert extras["icl_weight"] == pytest.approx(0.1 + 0.9 * 0.5)
+    expected = sft.item() + extras["hfm"] + extras["icl_weight"] * extras["icl"]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert extras["hfm"] == pytest.approx(extras["hfm/item_description"] + extras["hfm/sequence_prediction"])
+    with pytest.raises(ValueError, match="sdpa"):
+        ControlRecObjective(1, ControlRecConfig(), data, tok, 10, 0, 0, "flash_attention_2")

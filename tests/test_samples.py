@@ -20,7 +20,7 @@ from data_pipeline.item_ids.atomic_ids import build_atomic_ids
 from data_pipeline.item_ids.item_codes import item_codes_table
 from data_pipeline.prepare import run_prepare
 from data_pipeline.samples.build_samples import build_samples
-from data_pipeline.samples.config import TASKS, SamplesConfig
+from data_pipeline.samples.config import DEFAULT_TASKS, TASKS, SamplesConfig
 from data_pipeline.samples.prompt_templates import TEMPLATE_PACKAGE, load_templates
 from data_pipeline.samples.tasks import sample_negatives
 from data_pipeline.sharding import user_shard
@@ -191,7 +191,7 @@ def test_negative_sampling_is_uniform_over_items_never_interacted():
 
 def test_text_tasks_follow_the_catalogue_and_are_skipped_without_text(atomic_run, tmp_path):
     samples = _samples(atomic_run)
-    by_task = {t: [s for s in samples if s["task"] == t] for t in TASKS}
+    by_task = {t: [s for s in samples if s["task"] == t] for t in DEFAULT_TASKS}
     text_items = {s["item_id"] for s in by_task["text_alignment"]}
     assert text_items == set(range(NUM_ITEMS)) - NO_TEXT_ITEMS
     assert {s["item_id"] for s in by_task["query_alignment"]} == text_items
@@ -240,7 +240,7 @@ def test_prompts_write_items_with_the_scheme_tokens(toy_dataset, tmp_path, schem
             assert s["response"] == _render(scheme, s["item_id"])
         else:
             assert _render(scheme, s["item_id"]) in s["prompt"]
-    assert {s["task"] for s in samples} == set(TASKS)
+    assert {s["task"] for s in samples} == set(DEFAULT_TASKS)
 
 
 def test_same_seed_same_samples_other_seed_other_draws(toy_dataset, tmp_path):

@@ -142,7 +142,8 @@ def build_samples(cfg: SamplesConfig, run_dir: str, seed: int, scheme: str | Non
     tasks: dict[str, TaskSamples] = {}
     notes: dict[str, str] = {}
     for task in [t for t in TASKS if t in cfg.tasks]:
-        if task in ("text_alignment", "query_alignment", "content_lm") and not text.has_text:
+        reviews = train_reviews(dataset_dir, train) if task == "content_lm" else []
+        if task in ("text_alignment", "query_alignment", "content_lm") and not text.has_text and not reviews:
             notes[task] = "skipped: the dataset has no item text"
             log.info("%s skipped: the dataset has no item titles or descriptions", task)
             continue
@@ -158,10 +159,11 @@ def build_samples(cfg: SamplesConfig, run_dir: str, seed: int, scheme: str | Non
             tasks[task] = collaborative_lm_samples(train, names, users, templates["item_document"], rng,
                                                    cfg.max_history_in_prompt)
         elif task == "content_lm":
-            tokens = json.loads(storage.read_text(storage.join(ids_dir, "tokens.json")))
+            tokens_uri = storage.join(ids_dir, "tokens.json")
+            tokens = json.loads(storage.read_text(tokens_uri)) if storage.exists(tokens_uri) else []
             c_names, c_users = content_names(names, users, tokens)
-            tasks[task] = content_lm_samples(text, train_reviews(dataset_dir, train), c_names, c_users, templates,
-                                             rng, cfg.max_description_words)
+            tasks[task] = content_lm_samples(text, reviews, c_names, c_users, templates, rng,
+                                             cfg.max_description_words)
         else:
             tasks[task] = negative_samples(train, names, users, interacted_items(dataset_dir), items.num_rows,
                                            templates["not_interested"], rng, cfg.negative_ratio,

@@ -15,7 +15,7 @@ import torch
 
 from trainers.recipes.contrastive_losses import hfm_loss, icl_loss, icl_weight, mean_pool
 from trainers.recipes.controlrec_data import ControlRecData
-from trainers.recipes.restricted_softmax import mutual_regularization, restricted_lm_loss
+from trainers.recipes.restricted_softmax import labelled_positions, mutual_regularization, restricted_token_loss
 from trainers.recipes.visibility import visibility_mask
 from trainers.sft_objective import packed_lm_loss
 
@@ -143,13 +143,19 @@ class CLLM4RecObjective(SFTObjective):
                  [tasks[t] for t in self.restrictions], len(pairs))
 
     def loss(self, model, batch, step: int, device):
-        out = self.lm_forward(model, batch, device)
+        # The head runs only where a label is predicted: with one row per user and item the vocabulary is
+        # large, and logits for every packed position would cost more than the rest of the model.
         input_ids = batch.input_ids.to(device)
-        loss, per_task = restricted_lm_loss(out.logits, batch.labels.to(device), batch.task_ids.to(device),
-                                            self.num_tasks, self.restrictions)
+        out = model(input_ids=input_ids, position_ids=batch.position_ids.to(device), use_cache=False,
+                    output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1]
+        index, target, tasks = labelled_positions(batch.labels.to(device), batch.task_ids.to(device))
+        net = model.module if hasattr(model, "module") else model
+        pred = net.get_output_embeddings()(hidden[:, :-1, :].reshape(-1, hidden.shape[-1])[index])
+        loss, per_task = restricted_token_loss(pred, target, tasks, self.num_tasks, self.restrictions)
         extras: dict[str, float] = {}
         if self.has_twins and self.cfg.mutual_regularization > 0:
-            embedding = model.module.get_input_embeddings() if hasattr(model, "module") else model.get_input_embeddings()
+            embedding = net.get_input_embeddings()
             reg = mutual_regularization(embedding, input_ids, self.partner, self.cfg.mutual_regularization)
             loss = loss + reg
             extras["mutual_regularization"] = reg.item()

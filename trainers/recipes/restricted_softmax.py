@@ -20,24 +20,36 @@ def vocabulary_lookup(allowed: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return lut
 
 
+def labelled_positions(labels: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor]:
+    """(flat indices into [B * (L - 1)] of the positions that predict a label, their targets, their tasks)."""
+    target = labels[:, 1:].reshape(-1)
+    index = torch.nonzero(target != IGNORE).squeeze(-1)
+    return index, target[index], task_ids[:, 1:].reshape(-1)[index]
+
+
 def restricted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor, num_tasks: int,
                        restrictions: dict[int, torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
-    """(mean loss over scored tokens, [num_tasks, 2] per-task loss sums and token counts).
+    """(mean loss over scored tokens, [num_tasks, 2] per-task loss sums and token counts) from [B, L, V] logits.
 
     ``restrictions[task]`` is a sorted tensor of allowed token ids: that task's labelled tokens are scored by
     a softmax over those ids only, and its labels outside them (such as the EOS closing an item-only text)
     are not scored. Other tasks use the full vocabulary, as ``packed_lm_loss`` does.
     """
-    vocab = logits.shape[-1]
-    pred = logits[:, :-1, :].reshape(-1, vocab)
-    target = labels[:, 1:].reshape(-1)
-    tasks = task_ids[:, 1:].reshape(-1)
-    labelled = target != IGNORE
+    index, target, tasks = labelled_positions(labels, task_ids)
+    pred = logits[:, :-1, :].reshape(-1, logits.shape[-1])[index]
+    return restricted_token_loss(pred, target, tasks, num_tasks, restrictions)
+
+
+def restricted_token_loss(pred: torch.Tensor, target: torch.Tensor, tasks: torch.Tensor, num_tasks: int,
+                          restrictions: dict[int, torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
+    """``restricted_lm_loss`` on logits already gathered at the labelled positions: pred [N, V], target [N]."""
+    vocab = pred.shape[-1]
     losses, loss_tasks = [], []
-    unrestricted = labelled.clone()
+    unrestricted = torch.ones_like(target, dtype=torch.bool)
     for task, allowed in restrictions.items():
-        sel = labelled & (tasks == task)
-        unrestricted &= tasks != task
+        sel = tasks == task
+        unrestricted &= ~sel
         if not sel.any():
             continue
         lut = vocabulary_lookup(allowed, vocab).to(target.device)
@@ -49,10 +61,11 @@ def restricted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, task_ids: tor
     if unrestricted.any():
         losses.append(F.cross_entropy(pred[unrestricted].float(), target[unrestricted], reduction="none"))
         loss_tasks.append(tasks[unrestricted])
-    if not losses:
-        return logits.sum() * 0.0, np.zeros((num_tasks, 2))
-    token_loss, token_tasks = torch.cat(losses), torch.cat(loss_tasks)
+    token_loss = torch.cat(losses) if losses else pred.sum(-1)[:0]
     per_task = np.zeros((num_tasks, 2))
+    if token_loss.numel() == 0:
+        return pred.sum() * 0.0, per_task
+    token_tasks = torch.cat(loss_tasks)
     with torch.no_grad():
         sums = torch.zeros(num_tasks, device=token_loss.device).index_add_(0, token_tasks, token_loss.detach())
         per_task[:, 0] = sums.cpu().numpy()
