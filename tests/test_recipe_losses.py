@@ -246,3 +246,18 @@ def test_controlrec_objective_adds_both_contrastive_terms_with_the_schedule():
     assert extras["hfm"] == pytest.approx(extras["hfm/item_description"] + extras["hfm/sequence_prediction"])
     with pytest.raises(ValueError, match="sdpa"):
         ControlRecObjective(1, ControlRecConfig(), data, tok, 10, 0, 0, "flash_attention_2")
+
+
+def test_visibility_refuses_item_names_it_cannot_locate():
+    from trainers.models import TINY_TOKENIZER_DIR
+    from transformers import PreTrainedTokenizerFast
+
+    from trainers.recipes.config import ControlRecConfig
+    from trainers.recipes.controlrec_data import ControlRecData
+    from trainers.recipes.objectives import ControlRecObjective
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(TINY_TOKENIZER_DIR))
+    semantic = [f"<a_{i}><b_{i}>" for i in range(4)]
+    data = ControlRecData(semantic, ["x"] * 4, [[0], [1]], [1, 2], [0, 1], None, 0, 20)
+    with pytest.raises(ValueError, match="subtoken or atomic"):
+        ControlRecObjective(1, ControlRecConfig(), data, tok, 10, 0, 0, "sdpa")

@@ -9,10 +9,14 @@ step)`` once per micro-step. Pure torch: the model may be a DeepSpeed engine, bu
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
+from data_pipeline.item_ids.atomic_ids import CONTENT_PREFIX, content_twin
+from data_pipeline.item_ids.item_codes import ITEM_CODES_FILE
 from trainers.recipes.contrastive_losses import hfm_loss, icl_loss, icl_weight, mean_pool
 from trainers.recipes.controlrec_data import ControlRecData
 from trainers.recipes.restricted_softmax import labelled_positions, mutual_regularization, restricted_token_loss
@@ -53,6 +57,9 @@ class ControlRecObjective(SFTObjective):
             raise ValueError(f"train.controlrec.visibility needs an attention kernel that takes an additive mask "
                              f"(sdpa or eager), the model uses {attn_implementation!r}: set model.attn_implementation"
                              f"=sdpa, or train.controlrec.visibility=false")
+        if cfg.visibility and not data.entities.keys:
+            raise ValueError("train.controlrec.visibility needs items named by their IDs (ids.scheme=subtoken or "
+                             "atomic): no item name of this run looks like item_N or <item_N>")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def lm_forward(self, model, batch, device):
@@ -128,8 +135,6 @@ class CLLM4RecObjective(SFTObjective):
                 self.restrictions[t] = item_ids
             elif name == "content_lm" and cfg.content_restricted:
                 self.restrictions[t] = base_ids
-        from data_pipeline.item_ids.atomic_ids import CONTENT_PREFIX, content_twin
-
         known = set(new_tokens)
         self.partner = torch.full((vocab,), -1, dtype=torch.long)
         pairs = [(tok, content_twin(tok)) for tok in new_tokens
@@ -170,11 +175,6 @@ def build_objective(tcfg, tasks: list[str], tokenizer, new_tokens: list[str], ru
         return ControlRecObjective(len(tasks), tcfg.controlrec, data, tokenizer, tcfg.max_steps, seed, rank,
                                    attn_implementation)
     if tcfg.objective == "cllm4rec":
-        from data_pipeline.item_ids.item_codes import ITEM_CODES_FILE
-        import pyarrow.parquet as pq
-
-        from pathlib import Path
-
         codes = pq.read_table(Path(run_dir) / "item_ids" / ITEM_CODES_FILE, columns=["tokens"]).column("tokens").to_pylist()
         if any(len(c) != 1 for c in codes):
             raise ValueError("train.objective=cllm4rec needs one token per item (ids.scheme=atomic)")

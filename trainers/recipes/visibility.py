@@ -31,7 +31,8 @@ class EntityIndex:
     """Maps the names a prompt uses for items/users (from item_ids/) to entity keys."""
 
     def __init__(self, item_names: list[str], user_names: list[str] | None = None):
-        self.keys: dict[str, int] = {name: item_key(i) for i, name in enumerate(item_names)}
+        self.keys: dict[str, int] = {name: item_key(i) for i, name in enumerate(item_names)
+                                     if ENTITY_PATTERN.fullmatch(name)}
         for u, name in enumerate(user_names or []):
             token = name.split()[-1]  # 'user <user_5>' -> '<user_5>'
             if ENTITY_PATTERN.fullmatch(token):
