@@ -101,8 +101,34 @@ def evaluate(cfg) -> None:
     print(f"report: {cfg.run_dir}/report/report.md")
 
 
+def build_reviews(cfg) -> None:
+    from data_pipeline.reviews.build_reviews import run_build_reviews
+
+    for domain, c in run_build_reviews(cfg.reviews, cfg.run_dir).items():
+        print(f"reviews {domain}: {c['reviews']} reviews ({c['users']} users, {c['items']} items), "
+              f"train={c['train']} valid={c['valid']} test={c['test']} -> {cfg.run_dir}/domains/{domain}/reviews")
+
+
+def train_loid(cfg) -> None:
+    from trainers.loid.ray_train import run_loid
+
+    for name, out in run_loid(cfg).items():
+        print(f"loid {name}: {out['steps']} steps, loss {out['loss']:.4f} -> {out['dir']}")
+
+
+def evaluate_loid(cfg) -> None:
+    from trainers.loid.evaluate import run_evaluate_loid
+
+    report = run_evaluate_loid(cfg)
+    for name, m in report["models"].items():
+        print(f"{name:22s} test MSE {m['test_mse']:.4f}  RMSE {m['test_rmse']:.4f}")
+    print(f"report: {cfg.run_dir}/report/loid/report.md")
+
+
 STAGES: dict[str, Callable] = {"prepare": prepare, "build-ids": build_ids, "build-samples": build_samples,
-                               "train": train, "infer": infer, "evaluate": evaluate}
+                               "train": train, "infer": infer, "evaluate": evaluate,
+                               "build-reviews": build_reviews, "train-loid": train_loid,
+                               "evaluate-loid": evaluate_loid}
 
 
 def pipeline(cfg) -> None:
