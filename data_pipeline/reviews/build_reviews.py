@@ -1,4 +1,4 @@
-"""`recllm build-reviews`: each review domain through the data pipeline (`prepare`, amazon_reviews format) into
+"""`recllm build-reviews`: each review domain through the data pipeline (importer + canonical, as `prepare`) into
 run_dir/domains/<name>/dataset, then a leave-last-out split of its reviews with each review's k-review
 user and item histories into run_dir/domains/<name>/reviews/reviews.parquet. LoID and the review tasks read it.
 """
@@ -16,7 +16,6 @@ import pyarrow as pa
 from data_pipeline import storage
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import run_prepare
 from data_pipeline.reviews.config import ReviewsConfig
 
 log = logging.getLogger("recllm.reviews")
@@ -84,30 +83,35 @@ def build_review_table(inter: pd.DataFrame, cfg: ReviewsConfig, source: str) -> 
 
 
 def run_build_reviews(cfg: ReviewsConfig, run_dir: str) -> dict:
-    """Prepare and split every domain; returns {domain: counts}."""
-    out = {}
+    """Import and split every domain in memory first, then write: a bad file in any domain leaves nothing."""
+    from data_pipeline.canonical import build_canonical
+    from data_pipeline.importers import import_raw
+    from data_pipeline.prepare import write_dataset
+
+    built = {}
     for domain, path in cfg.domains.items():
         t0 = time.perf_counter()
-        ddir = domain_dir(run_dir, domain)
         data_cfg = DataConfig(format="amazon_reviews", path=path, name="", num_shards=1)
         problems = data_cfg.check()
         if problems:
             raise DataError(path, f"reviews.domains.{domain}: {'; '.join(problems)}")
-        run_prepare(data_cfg, ddir)
-        inter_uri = storage.join(ddir, "dataset", "interactions")
-        inter = storage.read_parquet(inter_uri).to_pandas()
-        table = build_review_table(inter, cfg, inter_uri)
+        raw = import_raw(data_cfg)
+        data = build_canonical(raw, data_cfg)
+        table = build_review_table(data.interactions.to_pandas(), cfg, raw.source_files[0])
         splits = table.column("split").to_pylist()
-        counts = {"reviews": table.num_rows, "users": int(inter["user_id"].nunique()),
-                  "items": int(inter["item_id"].nunique()), **{s: splits.count(s) for s in SPLITS}}
+        counts = {"reviews": table.num_rows, "users": data.counts["users"], "items": data.counts["items"],
+                  **{s: splits.count(s) for s in SPLITS}}
+        built[domain] = (data_cfg, raw.source_files, data, table, counts, time.perf_counter() - t0)
+    for domain, (data_cfg, files, data, table, counts, seconds) in built.items():
+        ddir = domain_dir(run_dir, domain)
+        write_dataset(data, storage.join(ddir, "dataset"), data_cfg, files)
         with storage.staged_folder(storage.join(ddir, "reviews")) as staged:
             staged.write_parquet("reviews.parquet", table)
-            manifest = {"domain": domain, "source": path, "k": cfg.k, "min_user_reviews": cfg.min_user_reviews,
-                        "counts": counts, "seconds": round(time.perf_counter() - t0, 2)}
+            manifest = {"domain": domain, "source": data_cfg.path, "files": files, "k": cfg.k,
+                        "min_user_reviews": cfg.min_user_reviews, "counts": counts, "seconds": round(seconds, 2)}
             staged.write_bytes("manifest.json", json.dumps(manifest, indent=2).encode())
         log.info("reviews %s: %s", domain, counts)
-        out[domain] = counts
-    return out
+    return {domain: b[4] for domain, b in built.items()}
 
 
 def read_reviews(run_dir: str, domain: str) -> pa.Table:
