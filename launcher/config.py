@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from data_pipeline.config import DataConfig
 from data_pipeline.item_ids.config import IdsConfig
 from data_pipeline.reviews.config import ReviewsConfig
+from data_pipeline.reviews.task_config import ReviewTasksConfig
 from data_pipeline.samples.config import SamplesConfig
 from launcher.config_schema import load
 from trainers.model_config import ModelConfig
@@ -41,6 +42,8 @@ class RecllmConfig:
     """Review domains, their split and k-review histories (stage: build-reviews)."""
     loid: LoIDConfig = field(default_factory=LoIDConfig)
     """LoID: source plugins, target re-LoRA, ID-content triplet loss (stages: train-loid, evaluate-loid)."""
+    review_tasks: ReviewTasksConfig = field(default_factory=ReviewTasksConfig)
+    """ControlRec's review tasks as SFT samples (stages: build-review-samples, train, evaluate-reviews)."""
 
     def check(self) -> list[str]:
         from launcher.stages import STAGES

@@ -125,10 +125,28 @@ def evaluate_loid(cfg) -> None:
     print(f"report: {cfg.run_dir}/report/loid/report.md")
 
 
+def build_review_samples(cfg) -> None:
+    from data_pipeline.reviews.review_samples import run_build_review_samples
+
+    m = run_build_review_samples(cfg)
+    print(f"review samples: train {m['counts']['train']}, test {m['counts']['test']} -> {cfg.run_dir}/samples")
+
+
+def evaluate_reviews(cfg) -> None:
+    from inference.review_tasks import run_evaluate_reviews
+
+    report = run_evaluate_reviews(cfg)
+    for task, scores in report["tasks"].items():
+        print(f"{task:22s} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in scores.items()))
+    print(f"report: {cfg.run_dir}/report/review_tasks/report.md")
+
+
 STAGES: dict[str, Callable] = {"prepare": prepare, "build-ids": build_ids, "build-samples": build_samples,
                                "train": train, "infer": infer, "evaluate": evaluate,
                                "build-reviews": build_reviews, "train-loid": train_loid,
-                               "evaluate-loid": evaluate_loid}
+                               "evaluate-loid": evaluate_loid, "build-review-samples": build_review_samples,
+                               "evaluate-reviews": evaluate_reviews}
 
 
 def pipeline(cfg) -> None:
