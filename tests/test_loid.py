@@ -258,3 +258,21 @@ def test_reviews_config_reports_every_problem():
     for needle in ("reviews.k: 0 must be > 0", "reviews.min_user_reviews: 2", "loid.batch_size: in-batch",
                    "loid.pooling: 'max'", "loid.target_domain: 'digital_music' is also a source"):
         assert needle in text, text
+
+
+def test_biased_mf_recovers_a_low_rank_rating_matrix():
+    from trainers.matrix_factorization import fit_mf, mse
+
+    rng = np.random.default_rng(0)
+    p, q = rng.normal(size=(40, 2)), rng.normal(size=(30, 2))
+    users, items = np.meshgrid(np.arange(40), np.arange(30), indexing="ij")
+    users, items = users.ravel(), items.ravel()
+    ratings = (3.5 + (p[users] * q[items]).sum(1)).astype(np.float32)
+    order = rng.permutation(len(users))
+    tr, va, te = order[:900], order[900:1050], order[1050:]
+    fit = fit_mf((users[tr], items[tr], ratings[tr]), (users[va], items[va], ratings[va]), 40, 30, dim=4,
+                 lr=0.05, weight_decay=0.0, max_epochs=2000, patience=50)
+    with torch.no_grad():
+        pred = fit.model(torch.as_tensor(users[te]), torch.as_tensor(items[te])).numpy()
+    mean_mse = mse(np.full(len(te), ratings[tr].mean()), ratings[te])
+    assert mse(pred, ratings[te]) < 0.1 * mean_mse

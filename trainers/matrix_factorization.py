@@ -36,6 +36,8 @@ class MFResult:
     model: BiasedMF
     best_epoch: int
     valid_mse: float
+    dim: int
+    weight_decay: float
 
 
 def fit_mf(train: tuple[np.ndarray, np.ndarray, np.ndarray], valid: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -64,7 +66,7 @@ def fit_mf(train: tuple[np.ndarray, np.ndarray, np.ndarray], valid: tuple[np.nda
                 break
     model.load_state_dict(best_state)
     log.info("MF: best valid MSE %.4f at epoch %d", best, best_epoch)
-    return MFResult(model, best_epoch, best)
+    return MFResult(model, best_epoch, best, dim, weight_decay)
 
 
 def mse(pred: np.ndarray, target: np.ndarray) -> float:
