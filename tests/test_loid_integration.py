@@ -46,7 +46,11 @@ def test_source_plugin_then_target_rerun_on_ray_and_deepspeed(sliced_domains, tm
         info = json.loads((run / "run.json").read_text())
         assert info["steps"] == 4 and info["workers"] == 2
         logged = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in logged] == [2, 4] and all(r["l_cl"] >= 0 for r in logged)
+        train_logs = [r for r in logged if "loss" in r]
+        assert [r["step"] for r in train_logs] == [2, 4] and all(r["l_cl"] >= 0 for r in train_logs)
+        valid_logs = [r for r in logged if "valid_mse" in r]
+        assert valid_logs and info["best_step"] in [r["step"] for r in valid_logs]
+        assert info["best_valid_mse"] == pytest.approx(min(r["valid_mse"] for r in valid_logs))
         assert list((run / "logs").glob("events.out.tfevents.*"))
     assert json.loads((target / "run.json").read_text())["sources"] == ["digital_music"]
     from safetensors.torch import load_file

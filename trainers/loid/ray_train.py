@@ -1,7 +1,8 @@
 """`recllm train-loid`: the LoID runs through Ray Train + DeepSpeed (the TorchTrainer pattern of
 trainers/ray_launch.py). Each source domain trains and saves its plugin; then every target variant (target
 LoRA only; lambda=0; frozen source plugins + target re-LoRA) trains from the same frozen base. Outputs per run:
-run_dir/loid/<run>/{plugin/<domain>/ (peft), domain_state.safetensors, run.json, logs/ (TensorBoard)}.
+run_dir/loid/<run>/{plugin/<domain>/ (peft), domain_state.safetensors, run.json, logs/ (TensorBoard)}; the
+saved state is the epoch with the lowest valid MSE (rank 0 scores the valid split after every epoch).
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def loid_loop_per_worker(config: dict) -> None:
     progress = tqdm(total=total, desc=run["name"], unit="step") if rank == 0 else None
     rng = np.random.default_rng(cfg.seed)
     step, window, t0 = 0, {"loss": 0.0, "l_rec": 0.0, "l_cl": 0.0, "n": 0}, time.perf_counter()
+    best = {"valid_mse": float("inf"), "step": 0, "state": None}
+    valid_rows = reviews.rows("valid")
     engine.train()
     while step < total:
         order = rng.permutation(train_rows)  # same permutation on every rank; each takes its own stride
@@ -114,6 +117,13 @@ def loid_loop_per_worker(config: dict) -> None:
                 ray.train.report({"step": step, **metrics})
                 last = metrics
                 window = {"loss": 0.0, "l_rec": 0.0, "l_cl": 0.0, "n": 0}
+        if rank == 0 and len(valid_rows):  # end of an epoch: keep the trainable state with the best valid MSE
+            valid_mse = _valid_mse(engine.module, reviews, valid_rows)
+            metrics_log.log(step, {"valid_mse": valid_mse})
+            if valid_mse < best["valid_mse"]:
+                best = {"valid_mse": valid_mse, "step": step, "state": {
+                    n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}}
+            engine.train()
     if progress:
         progress.close()
     metrics_log.close()
@@ -122,12 +132,26 @@ def loid_loop_per_worker(config: dict) -> None:
         from safetensors.torch import save_file
 
         module = engine.module
+        if best["state"] is not None:
+            with torch.no_grad():
+                for n, p in module.named_parameters():
+                    if n in best["state"]:
+                        p.copy_(best["state"][n])
         save_plugin(module.lm, run["domain"], out_dir / "plugin")
         save_file({k: v.contiguous() for k, v in module.domain_state().items()}, str(out_dir / "domain_state.safetensors"))
         (out_dir / "run.json").write_text(json.dumps({**run, "steps": step, "loss": last["loss"],
                                                       "l_rec": last["l_rec"], "l_cl": last["l_cl"],
                                                       "seconds": round(time.perf_counter() - t0, 1),
+                                                      "best_step": best["step"], "best_valid_mse": best["valid_mse"],
                                                       "workers": world}, indent=2))
+
+
+@torch.no_grad()
+def _valid_mse(module, reviews, rows: np.ndarray, batch_size: int = 64) -> float:
+    module.eval()
+    preds = [module(reviews.batch(rows[s: s + batch_size]))["pred"].clamp(1.0, 5.0)
+             for s in range(0, len(rows), batch_size)]
+    return float(((torch.cat(preds) - torch.as_tensor(reviews.ratings[rows])) ** 2).mean())
 
 
 def _ray_env() -> dict:
