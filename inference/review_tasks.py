@@ -51,6 +51,14 @@ def text_scores(replies: list[str], references: list[str]) -> dict:
     return {"rougeL": 100 * float(np.mean(rouge)), "bleu": float(bleu.score)}
 
 
+def candidate_tokens(prompt: str) -> list[str]:
+    """The item tokens after the prompt's candidate marker ("from:" or "Candidates:"), in order."""
+    for marker in ("Candidates:", "from:"):
+        if marker in prompt:
+            return ITEM_TOKEN.findall(prompt.split(marker, 1)[1].split("Given")[0])
+    return []
+
+
 def pick_scores(replies: list[str], targets: list[str], prompts: list[str]) -> dict:
     """Hit rate: the first item token of the reply is the target; valid: it is one of the prompt's candidates."""
     hits, valid = 0, 0
@@ -58,26 +66,31 @@ def pick_scores(replies: list[str], targets: list[str], prompts: list[str]) -> d
         m = ITEM_TOKEN.search(reply)
         if m is None:
             continue
-        picked = m.group()
-        cands = prompt.split("andidates:")[-1] if "andidates:" in prompt else prompt.split("from:")[-1]
-        valid += picked in ITEM_TOKEN.findall(cands) or picked in cands
-        hits += picked == target
+        valid += m.group() in [f"<item_{i}>" for i in candidate_tokens(prompt)]
+        hits += m.group() == target
     n = max(len(replies), 1)
     return {"hit_rate": hits / n, "valid_pick_rate": valid / n}
 
 
 @torch.no_grad()
 def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuations of prompts framed and tokenised exactly as in training (trainers.packing)."""
     from tqdm import tqdm
 
-    tokenizer.padding_side = "left"
+    from trainers.packing import frame_prompt
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     out = []
     for s in tqdm(range(0, len(prompts), batch_size), desc="decode", unit="batch"):
-        enc = tokenizer(prompts[s: s + batch_size], return_tensors="pt", padding=True, add_special_tokens=True)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id)
-        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        ids = [head + tokenizer(frame_prompt(p), add_special_tokens=False)["input_ids"]
+               for p in prompts[s: s + batch_size]]
+        width = max(len(x) for x in ids)  # left padding, so every continuation starts at the same column
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
     return [r.strip() for r in out]
 
 
@@ -105,7 +118,10 @@ def run_evaluate_reviews(cfg) -> dict:
         if task == "rating":
             scores = rating_scores(replies, [float(r) for r in refs], train_mean)
         elif task == "direct_recommendation":
-            scores = {**pick_scores(replies, refs, prompts), "chance": 1 / c.candidates}
+            popularity = reviews[reviews.split == "train"].item_id.value_counts().to_dict()
+            popular = [max(candidate_tokens(p), key=lambda i: popularity.get(int(i), 0)) for p in prompts]
+            scores = {**pick_scores(replies, refs, prompts), "chance": 1 / c.candidates,
+                      "popular_candidate_hit_rate": float(np.mean([f"<item_{i}>" == r for i, r in zip(popular, refs)]))}
         else:
             scores = text_scores(replies, refs)
         tasks[task] = {"n": len(rows), **scores}
@@ -137,7 +153,7 @@ def _write(cfg, report: dict) -> None:
     if "direct_recommendation" in t:
         d = t["direct_recommendation"]
         lines += [f"| direct_recommendation | {d['n']} | hit rate (chance) | {d['hit_rate']:.3f} ({d['chance']:.3f}); "
-                  f"valid picks {d['valid_pick_rate']:.3f} |"]
+                  f"valid picks {d['valid_pick_rate']:.3f}; most popular candidate {d['popular_candidate_hit_rate']:.3f} |"]
     lines += ["", "## Examples", ""]
     for task, exs in report["examples"].items():
         for e in exs[:2]:

@@ -82,6 +82,10 @@ def test_hit_rate_counts_the_first_item_token():
     prompts = ["Pick from: <item_1>, <item_2>, <item_3>."] * 3
     s = pick_scores(["<item_2>", "<item_9> <item_2>", "none"], ["<item_2>"] * 3, prompts)
     assert s["hit_rate"] == pytest.approx(1 / 3) and s["valid_pick_rate"] == pytest.approx(1 / 3)
+    from inference.review_tasks import candidate_tokens
+
+    other = "Candidates: <item_4>, <item_5>. Given <user_1>'s history <item_9>, choose the best item."
+    assert candidate_tokens(prompts[0]) == ["1", "2", "3"] and candidate_tokens(other) == ["4", "5"]
 
 
 def test_review_tasks_config_reports_problems():
@@ -93,3 +97,26 @@ def test_review_tasks_config_reports_problems():
         load_config(str(REPO / "configs" / "controlrec_tasks.yaml"),
                     ["review_tasks.tasks=[rating,poetry]", "review_tasks.candidates=1"])
     assert "review_tasks.tasks: 'poetry'" in str(err.value) and "review_tasks.candidates: 1" in str(err.value)
+
+
+def test_decoding_frames_prompts_exactly_as_training(monkeypatch):
+    import torch
+
+    from inference.review_tasks import greedy_replies
+    from trainers.model_config import ModelConfig
+    from trainers.models import build_model
+    from trainers.packing import tokenize_sample
+
+    model, tok = build_model(ModelConfig(), ["<item_1>", "<user_1>"], seed=0)
+    prompts = ["Rate <item_1> for <user_1>.", "A much longer prompt about <item_1> and its strings."]
+    seen = {}
+
+    def fake_generate(input_ids, attention_mask, **kw):
+        seen["ids"], seen["mask"] = input_ids, attention_mask
+        return torch.cat([input_ids, torch.full((len(input_ids), 1), tok.convert_tokens_to_ids("<item_1>"))], 1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    assert greedy_replies(model, tok, prompts, 4, 8) == ["<item_1>", "<item_1>"]
+    for row, mask, prompt in zip(seen["ids"].tolist(), seen["mask"].tolist(), prompts):
+        ids, prompt_len = tokenize_sample(tok, prompt, "x", 256)
+        assert [t for t, m in zip(row, mask) if m] == ids[:prompt_len]  # left-padded, same tokens as training
