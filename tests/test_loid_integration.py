@@ -52,7 +52,12 @@ def test_source_plugin_then_target_rerun_on_ray_and_deepspeed(sliced_domains, tm
         assert valid_logs and info["best_step"] in [r["step"] for r in valid_logs]
         assert info["best_valid_mse"] == pytest.approx(min(r["valid_mse"] for r in valid_logs))
         assert list((run / "logs").glob("events.out.tfevents.*"))
-    assert json.loads((target / "run.json").read_text())["sources"] == ["digital_music"]
+    info = json.loads((target / "run.json").read_text())
+    assert info["sources"] == ["digital_music"]
+    # under DeepSpeed, after the steps, the frozen base and the frozen source plugin hash the same as before
+    assert info["frozen"]["before"] == info["frozen"]["after"]
+    assert info["frozen"]["after"]["plugins"] > 0 and info["frozen"]["after"]["base"] > 800_000
+    assert json.loads((source / "run.json").read_text())["frozen"]["after"]["plugins"] == 0
     from safetensors.torch import load_file
 
     plugin = load_file(str(target / "plugin" / "musical_instruments" / "adapter_model.safetensors"))

@@ -30,7 +30,7 @@ def load_run(cfg, run_dir: Path, reviews, tokenizer_and_lm=None):
     from trainers.loid.ray_train import build_loid_model
 
     run = json.loads((run_dir / "run.json").read_text())
-    model, tokenizer = build_loid_model(cfg, {**run, "sources": run["sources"]}, reviews, tokenizer_and_lm)
+    model, tokenizer = build_loid_model(cfg, run, reviews, tokenizer_and_lm)
     own = run_dir / "plugin" / run["domain"]
     peft_model: PeftModel = model.lm
     peft_model.delete_adapter(run["domain"])  # the freshly initialised one; load the trained weights instead

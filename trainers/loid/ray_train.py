@@ -88,6 +88,7 @@ def loid_loop_per_worker(config: dict) -> None:
     tset = _train_settings(c, total)
     engine, _, scheduler = dse.wrap_model(model, tset, dse.deepspeed_config(tset, config["deepspeed_config"],
                                                                             bf16=False))
+    frozen_before = frozen_digest(engine.module)
     metrics_log = MetricsLogger(out_dir / "logs", enabled=rank == 0)
     progress = tqdm(total=total, desc=run["name"], unit="step") if rank == 0 else None
     rng = np.random.default_rng(cfg.seed)
@@ -127,6 +128,7 @@ def loid_loop_per_worker(config: dict) -> None:
     if progress:
         progress.close()
     metrics_log.close()
+    frozen_after = frozen_digest(engine.module)
     # ZeRO-2 keeps full parameters on every rank, so rank 0 can write the plugin from its own module.
     if rank == 0:
         from safetensors.torch import save_file
@@ -143,7 +145,22 @@ def loid_loop_per_worker(config: dict) -> None:
                                                       "l_rec": last["l_rec"], "l_cl": last["l_cl"],
                                                       "seconds": round(time.perf_counter() - t0, 1),
                                                       "best_step": best["step"], "best_valid_mse": best["valid_mse"],
+                                                      "frozen": {"before": frozen_before, "after": frozen_after},
                                                       "workers": world}, indent=2))
+
+
+def frozen_digest(module) -> dict:
+    """sha256 over every frozen parameter (base LM and source plugins), and how many there are of each."""
+    import hashlib
+
+    digest, counts = hashlib.sha256(), {"base": 0, "plugins": 0}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            continue
+        digest.update(name.encode())
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        counts["plugins" if ".lora_" in name else "base"] += p.numel()
+    return {"sha256": digest.hexdigest(), **counts}
 
 
 @torch.no_grad()
