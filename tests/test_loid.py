@@ -276,3 +276,13 @@ def test_biased_mf_recovers_a_low_rank_rating_matrix():
         pred = fit.model(torch.as_tensor(users[te]), torch.as_tensor(items[te])).numpy()
     mean_mse = mse(np.full(len(te), ratings[tr].mean()), ratings[te])
     assert mse(pred, ratings[te]) < 0.1 * mean_mse
+
+
+def test_train_loid_refuses_zero3_before_starting_ray(tmp_path, capsys):
+    from launcher.cli import main
+    from tests.conftest import REPO
+
+    rc = main(["train-loid", str(REPO / "configs" / "loid_reviews.yaml"), f"run_dir={tmp_path / 'run'}",
+               "loid.deepspeed_config=configs/deepspeed/zero3.json"])
+    assert rc == 2 and "is ZeRO-3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

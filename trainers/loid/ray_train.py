@@ -220,7 +220,17 @@ def run_loid(cfg) -> dict[str, dict]:
 
     from data_pipeline.reviews.build_reviews import read_reviews
 
+    from launcher.config_schema import ConfigError
+
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))  # workers run elsewhere
+    ds_path = Path(cfg.loid.deepspeed_config)
+    ds_path = ds_path if ds_path.is_absolute() else Path(__file__).resolve().parents[2] / ds_path
+    try:
+        stage = json.loads(ds_path.read_text()).get("zero_optimization", {}).get("stage", 0)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError([f"loid.deepspeed_config: cannot read {ds_path}: {exc}"]) from None
+    if stage == 3:  # rank 0 writes the plugin from its own replica, which ZeRO-3 would have partitioned
+        raise ConfigError([f"loid.deepspeed_config: {ds_path} is ZeRO-3; LoID runs use ZeRO-0/1/2"])
     for domain in {*cfg.loid.source_domains, cfg.loid.target_domain}:
         read_reviews(cfg.run_dir, domain)  # fail here, with the file named, not inside a worker
     return {run["name"]: run_one(cfg, run) for run in planned_runs(cfg)}
