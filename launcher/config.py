@@ -6,10 +6,13 @@ from dataclasses import dataclass, field
 
 from data_pipeline.config import DataConfig
 from data_pipeline.item_ids.config import IdsConfig
+from data_pipeline.reviews.config import ReviewsConfig
+from data_pipeline.reviews.task_config import ReviewTasksConfig
 from data_pipeline.samples.config import SamplesConfig
 from launcher.config_schema import load
 from trainers.model_config import ModelConfig
 from trainers.train_config import TrainConfig
+from trainers.loid.config import LoIDConfig
 from inference.config import EvalConfig, InferConfig
 
 
@@ -35,6 +38,12 @@ class RecllmConfig:
     """Top-K for every user: beam search or multinomial head, Ray actor pool, resumable cache (stage: infer)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Metrics and report next to a SASRec baseline (stage: evaluate)."""
+    reviews: ReviewsConfig = field(default_factory=ReviewsConfig)
+    """Review domains, their split and k-review histories (stage: build-reviews)."""
+    loid: LoIDConfig = field(default_factory=LoIDConfig)
+    """LoID: source plugins, target re-LoRA, ID-content triplet loss (stages: train-loid, evaluate-loid)."""
+    review_tasks: ReviewTasksConfig = field(default_factory=ReviewTasksConfig)
+    """ControlRec's review tasks as SFT samples (stages: build-review-samples, train, evaluate-reviews)."""
 
     def check(self) -> list[str]:
         from launcher.stages import STAGES

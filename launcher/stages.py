@@ -101,8 +101,52 @@ def evaluate(cfg) -> None:
     print(f"report: {cfg.run_dir}/report/report.md")
 
 
+def build_reviews(cfg) -> None:
+    from data_pipeline.reviews.build_reviews import run_build_reviews
+
+    for domain, c in run_build_reviews(cfg.reviews, cfg.run_dir).items():
+        print(f"reviews {domain}: {c['reviews']} reviews ({c['users']} users, {c['items']} items), "
+              f"train={c['train']} valid={c['valid']} test={c['test']} -> {cfg.run_dir}/domains/{domain}/reviews")
+
+
+def train_loid(cfg) -> None:
+    from trainers.loid.ray_train import run_loid
+
+    for name, out in run_loid(cfg).items():
+        print(f"loid {name}: {out['steps']} steps, loss {out['loss']:.4f} -> {out['dir']}")
+
+
+def evaluate_loid(cfg) -> None:
+    from trainers.loid.evaluate import run_evaluate_loid
+
+    report = run_evaluate_loid(cfg)
+    for name, m in report["models"].items():
+        print(f"{name:22s} test MSE {m['test_mse']:.4f}  RMSE {m['test_rmse']:.4f}")
+    print(f"report: {cfg.run_dir}/report/loid/report.md")
+
+
+def build_review_samples(cfg) -> None:
+    from data_pipeline.reviews.review_samples import run_build_review_samples
+
+    m = run_build_review_samples(cfg)
+    print(f"review samples: train {m['counts']['train']}, test {m['counts']['test']} -> {cfg.run_dir}/samples")
+
+
+def evaluate_reviews(cfg) -> None:
+    from inference.review_tasks import run_evaluate_reviews
+
+    report = run_evaluate_reviews(cfg)
+    for task, scores in report["tasks"].items():
+        print(f"{task:22s} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in scores.items()))
+    print(f"report: {cfg.run_dir}/report/review_tasks/report.md")
+
+
 STAGES: dict[str, Callable] = {"prepare": prepare, "build-ids": build_ids, "build-samples": build_samples,
-                               "train": train, "infer": infer, "evaluate": evaluate}
+                               "train": train, "infer": infer, "evaluate": evaluate,
+                               "build-reviews": build_reviews, "train-loid": train_loid,
+                               "evaluate-loid": evaluate_loid, "build-review-samples": build_review_samples,
+                               "evaluate-reviews": evaluate_reviews}
 
 
 def pipeline(cfg) -> None:
