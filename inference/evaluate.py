@@ -46,6 +46,19 @@ def recllm_metrics(topk: np.ndarray, targets: np.ndarray, num_items: int, ks: li
     return metrics
 
 
+def most_popular(train: pa.Table, k: int) -> np.ndarray:
+    """The ``k`` items with most train interactions (each user's longest train row: history + target), the
+    same list for every user: the floor a personalised recommender has to clear."""
+    longest: dict[int, list[int]] = {}
+    for user, history, target in zip(train.column("user_id").to_pylist(), train.column("history").to_pylist(),
+                                     train.column("target").to_pylist()):
+        if len(history) + 1 > len(longest.get(user, ())):
+            longest[user] = history + [target]
+    items = np.fromiter((i for row in longest.values() for i in row), np.int64)
+    counts = np.bincount(items) if len(items) else np.zeros(1, np.int64)
+    return np.argsort(-counts, kind="stable")[:k]
+
+
 def run_evaluate(cfg) -> dict:
     from trainers.sasrec import cached_sasrec, recommend_topk
 
@@ -67,6 +80,9 @@ def run_evaluate(cfg) -> dict:
     ours = topk_matrix(topk.column("item_ids").to_pylist(), kmax)
     models = {"recllm": recllm_metrics(ours, targets, num_items, ecfg.ks)}
     models["recllm"]["users_per_second"] = topk_manifest.get("users_per_second")
+
+    popular = most_popular(storage.read_parquet(storage.join(dataset, "sequences", "train")), kmax)
+    models["popular"] = recllm_metrics(np.tile(popular, (len(targets), 1)), targets, num_items, ecfg.ks)
 
     sasrec_losses: list[float] = []
     if ecfg.baseline:

@@ -354,7 +354,7 @@ class TestLocalRayCluster:
         assert "stage evaluate" in out.stdout  # the job's logs were streamed here
         assert _job_status(ray_cluster, job_id) == "SUCCEEDED"
         metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
-        assert set(metrics["models"]) == {"recllm", "sasrec"} and metrics["split"] == "test"
+        assert set(metrics["models"]) == {"recllm", "popular", "sasrec"} and metrics["split"] == "test"
         topk = json.loads((run_dir / "topk" / "_SUCCESS").read_text())
         assert topk["users"] == 8317 and topk["top_k"] == 5
 

@@ -149,7 +149,7 @@ def test_evaluate_writes_the_report(run):
     assert main(["infer", *_args(run_dir, raw)]) == 0
     assert main(["evaluate", *_args(run_dir, raw)]) == 0
     report = json.loads((run_dir / "report" / "metrics.json").read_text())
-    assert report["split"] == "test" and set(report["models"]) == {"recllm", "sasrec"}
+    assert report["split"] == "test" and set(report["models"]) == {"recllm", "popular", "sasrec"}
     for m in report["models"].values():
         for key in ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "invalid_item_rate"):
             assert 0.0 <= m[key] <= 1.0

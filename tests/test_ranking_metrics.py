@@ -76,3 +76,13 @@ def test_matches_plain_loop_on_random_lists():
             hr, ndcg = _reference(topk, targets, k)
             assert hit_rate_at_k(topk, targets, k) == pytest.approx(hr)
             assert ndcg_at_k(topk, targets, k) == pytest.approx(ndcg)
+
+
+def test_most_popular_counts_each_users_train_interactions_once():
+    import pyarrow as pa
+
+    from inference.evaluate import most_popular
+
+    # user 0 has two train rows (prefixes): only the longest counts, so item 1 is not counted twice.
+    train = pa.table({"user_id": [0, 0, 1, 2], "history": [[1], [1, 2], [3], [3, 4]], "target": [2, 5, 5, 5]})
+    assert most_popular(train, 3).tolist() == [5, 3, 1]
