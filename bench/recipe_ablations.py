@@ -85,10 +85,11 @@ def main() -> None:
         m = models["recllm"]
         lines.append(f"| {label} | {m['HR@5']:.4f} | {m['HR@10']:.4f} | {m['NDCG@10']:.4f} | {m['HR@20']:.4f} | "
                      f"{m['NDCG@20']:.4f} | {m['Coverage@20']:.3f} | {seconds:.0f} |")
-    sasrec = next((models["sasrec"] for _, models, _ in rows if "sasrec" in models), None)
-    if sasrec:
-        lines.append(f"| SASRec (same split) | {sasrec['HR@5']:.4f} | {sasrec['HR@10']:.4f} | {sasrec['NDCG@10']:.4f} | "
-                     f"{sasrec['HR@20']:.4f} | {sasrec['NDCG@20']:.4f} | {sasrec.get('Coverage@20', float('nan')):.3f} | |")
+    for name, label in (("popular", "most popular (same split)"), ("sasrec", "SASRec (same split)")):
+        base = next((models[name] for _, models, _ in rows if name in models), None)
+        if base:
+            lines.append(f"| {label} | {base['HR@5']:.4f} | {base['HR@10']:.4f} | {base['NDCG@10']:.4f} | "
+                         f"{base['HR@20']:.4f} | {base['NDCG@20']:.4f} | {base.get('Coverage@20', float('nan')):.3f} | |")
     table = "\n".join(lines)
     (out / "ablations.md").write_text(table + "\n")
     print(table)
