@@ -1,7 +1,8 @@
 """`recllm evaluate-reviews`: greedy decoding of the exported model (run_dir/model, from `recllm train`) on the
 review-task test samples (build-review-samples), scored per task: rating -> MSE/RMSE (a reply with no digit
 1-5 counts as the train mean and is reported), explanation and review_summary -> ROUGE-L F1 (rouge-score) and
-corpus BLEU (sacrebleu), direct_recommendation -> hit rate of the first item token among the candidates.
+corpus BLEU (sacrebleu), direct_recommendation -> hit rate of the first generated item token, and of the candidate ranked highest
+by a softmax restricted to the prompt's candidates.
 Writes run_dir/report/review_tasks/{report.json, report.md, scores.png}.
 """
 
@@ -73,6 +74,33 @@ def pick_scores(replies: list[str], targets: list[str], prompts: list[str]) -> d
 
 
 @torch.no_grad()
+def ranked_picks(model, tokenizer, prompts: list[str], batch_size: int) -> list[str]:
+    """The candidate the model rates highest at the answer position: a softmax over the prompt's candidate
+    item tokens only (one forward pass per prompt, no free generation), so every pick is a valid candidate."""
+    from trainers.packing import frame_prompt
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    picks = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s: s + batch_size]
+        ids = [head + tokenizer(frame_prompt(p), add_special_tokens=False)["input_ids"] for p in chunk]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+        for row, prompt in enumerate(chunk):
+            tokens = [f"<item_{i}>" for i in candidate_tokens(prompt)]
+            token_ids = tokenizer.convert_tokens_to_ids(tokens)
+            if not tokens or tokenizer.unk_token_id in token_ids:
+                raise DataError("samples/test", "direct_recommendation prompt without known candidate item tokens",
+                                row=prompt[:80])
+            picks.append(tokens[int(logits[row, token_ids].argmax())])
+    return picks
+
+
+@torch.no_grad()
 def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy continuations of prompts framed and tokenised exactly as in training (trainers.packing)."""
     from tqdm import tqdm
@@ -120,7 +148,9 @@ def run_evaluate_reviews(cfg) -> dict:
         elif task == "direct_recommendation":
             popularity = reviews[reviews.split == "train"].item_id.value_counts().to_dict()
             popular = [max(candidate_tokens(p), key=lambda i: popularity.get(int(i), 0)) for p in prompts]
+            ranked = ranked_picks(model, tokenizer, prompts, c.eval_batch_size)
             scores = {**pick_scores(replies, refs, prompts), "chance": 1 / c.candidates,
+                      "ranked_hit_rate": float(np.mean([p == r for p, r in zip(ranked, refs)])),
                       "popular_candidate_hit_rate": float(np.mean([f"<item_{i}>" == r for i, r in zip(popular, refs)]))}
         else:
             scores = text_scores(replies, refs)
@@ -153,7 +183,8 @@ def _write(cfg, report: dict) -> None:
     if "direct_recommendation" in t:
         d = t["direct_recommendation"]
         lines += [f"| direct_recommendation | {d['n']} | hit rate (chance) | {d['hit_rate']:.3f} ({d['chance']:.3f}); "
-                  f"valid picks {d['valid_pick_rate']:.3f}; most popular candidate {d['popular_candidate_hit_rate']:.3f} |"]
+                  f"valid picks {d['valid_pick_rate']:.3f}; ranked over the candidates {d['ranked_hit_rate']:.3f}; "
+                  f"most popular candidate {d['popular_candidate_hit_rate']:.3f} |"]
     lines += ["", "## Examples", ""]
     for task, exs in report["examples"].items():
         for e in exs[:2]:

@@ -120,3 +120,24 @@ def test_decoding_frames_prompts_exactly_as_training(monkeypatch):
     for row, mask, prompt in zip(seen["ids"].tolist(), seen["mask"].tolist(), prompts):
         ids, prompt_len = tokenize_sample(tok, prompt, "x", 256)
         assert [t for t, m in zip(row, mask) if m] == ids[:prompt_len]  # left-padded, same tokens as training
+
+
+def test_ranked_picks_choose_the_best_candidate_never_an_outside_item():
+    from types import SimpleNamespace
+
+    import torch
+
+    from inference.review_tasks import ranked_picks
+    from trainers.models import tiny
+
+    _, tok = tiny([f"<item_{i}>" for i in range(6)], seed=0)
+    item = {i: tok.convert_tokens_to_ids(f"<item_{i}>") for i in range(6)}
+
+    def fake_lm(input_ids, attention_mask, position_ids, logits_to_keep):
+        logits = torch.zeros(len(input_ids), 1, len(tok))
+        logits[:, -1, item[5]] = 9.0  # the model's favourite overall is not a candidate
+        logits[0, -1, item[2]], logits[1, -1, item[3]] = 3.0, 4.0
+        return SimpleNamespace(logits=logits)
+
+    prompts = ["Pick one item from: <item_1>, <item_2>, <item_3>.", "Candidates: <item_3>, <item_4>. Given x"]
+    assert ranked_picks(fake_lm, tok, prompts, batch_size=2) == ["<item_2>", "<item_3>"]
