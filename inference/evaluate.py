@@ -49,12 +49,11 @@ def recllm_metrics(topk: np.ndarray, targets: np.ndarray, num_items: int, ks: li
 def most_popular(train: pa.Table, k: int) -> np.ndarray:
     """The ``k`` items with most train interactions (each user's longest train row: history + target), the
     same list for every user: the floor a personalised recommender has to clear."""
-    longest: dict[int, list[int]] = {}
-    for user, history, target in zip(train.column("user_id").to_pylist(), train.column("history").to_pylist(),
-                                     train.column("target").to_pylist()):
-        if len(history) + 1 > len(longest.get(user, ())):
-            longest[user] = history + [target]
-    items = np.fromiter((i for row in longest.values() for i in row), np.int64)
+    from data_pipeline.samples.tasks import SequenceRows, user_documents
+
+    rows = SequenceRows(train.column("user_id").to_numpy(), train.column("history").to_pylist(),
+                        train.column("target").to_numpy())
+    items = np.fromiter((i for doc in user_documents(rows).values() for i in doc), np.int64)
     counts = np.bincount(items) if len(items) else np.zeros(1, np.int64)
     return np.argsort(-counts, kind="stable")[:k]
 

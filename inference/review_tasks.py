@@ -73,21 +73,27 @@ def pick_scores(replies: list[str], targets: list[str], prompts: list[str]) -> d
     return {"hit_rate": hits / n, "valid_pick_rate": valid / n}
 
 
-@torch.no_grad()
-def ranked_picks(model, tokenizer, prompts: list[str], batch_size: int) -> list[str]:
-    """The candidate the model rates highest at the answer position: a softmax over the prompt's candidate
-    item tokens only (one forward pass per prompt, no free generation), so every pick is a valid candidate."""
+def left_padded(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts framed and tokenised exactly as in training (trainers.packing), left-padded so every
+    continuation starts at the same column: (input_ids, attention_mask)."""
     from trainers.packing import frame_prompt
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = [head + tokenizer(frame_prompt(p), add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(x) for x in ids)
+    return (torch.tensor([[pad] * (width - len(x)) + x for x in ids]),
+            torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids]))
+
+
+@torch.no_grad()
+def ranked_picks(model, tokenizer, prompts: list[str], batch_size: int) -> list[str]:
+    """The candidate the model rates highest at the answer position: a softmax over the prompt's candidate
+    item tokens only (one forward pass per prompt, no free generation), so every pick is a valid candidate."""
     picks = []
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s: s + batch_size]
-        ids = [head + tokenizer(frame_prompt(p), add_special_tokens=False)["input_ids"] for p in chunk]
-        width = max(len(x) for x in ids)
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        input_ids, mask = left_padded(tokenizer, chunk)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
         for row, prompt in enumerate(chunk):
@@ -105,17 +111,11 @@ def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     """Greedy continuations of prompts framed and tokenised exactly as in training (trainers.packing)."""
     from tqdm import tqdm
 
-    from trainers.packing import frame_prompt
-
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     out = []
     for s in tqdm(range(0, len(prompts), batch_size), desc="decode", unit="batch"):
-        ids = [head + tokenizer(frame_prompt(p), add_special_tokens=False)["input_ids"]
-               for p in prompts[s: s + batch_size]]
-        width = max(len(x) for x in ids)  # left padding, so every continuation starts at the same column
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        input_ids, mask = left_padded(tokenizer, prompts[s: s + batch_size])
+        width = input_ids.shape[1]
         gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)

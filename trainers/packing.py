@@ -42,16 +42,21 @@ class TokenizedSample:
         return cls(int(row[0]), int(row[1]), list(map(int, row[2])), int(row[3]), entities)
 
 
+def fit_sample(head: list[int], prompt: list, response: list, eos, seq_len: int) -> tuple[list, int]:
+    """head + prompt + response + EOS cut to ``seq_len``: the response keeps its start, the prompt loses its
+    start. Works on any per-token lists (ids, or the entity keys that ride along with them)."""
+    response = (response + [eos])[: seq_len - len(head) - 1]
+    room = seq_len - len(head) - len(response)
+    prompt = prompt[-room:] if room > 0 else []
+    return head + prompt + response, len(head) + len(prompt)
+
+
 def tokenize_sample(tokenizer, prompt: str, response: str, seq_len: int) -> tuple[list[int], int]:
     """(input_ids, prompt_len). Long prompts are cut from the left so the response always fits."""
     head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompt_ids = tokenizer(frame_prompt(prompt), add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    response_ids = response_ids[: seq_len - len(head) - 1]
-    room = seq_len - len(head) - len(response_ids)
-    prompt_ids = prompt_ids[-room:] if room > 0 else []
-    ids = head + prompt_ids + response_ids
-    return ids, len(head) + len(prompt_ids)
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return fit_sample(head, prompt_ids, response_ids, tokenizer.eos_token_id, seq_len)
 
 
 @dataclass

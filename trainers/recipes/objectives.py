@@ -61,6 +61,14 @@ class ControlRecObjective(SFTObjective):
             raise ValueError("train.controlrec.visibility needs items named by their IDs (ids.scheme=subtoken or "
                              "atomic): no item name of this run looks like item_N or <item_N>")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Aux texts recur (the catalogue's descriptions, the instruction bank): tokenise each one once.
+        self._token_cache: dict[str, list[int]] = {}
+
+    def _tokens(self, text: str, max_tokens: int) -> list[int]:
+        ids = self._token_cache.get(text)
+        if ids is None:
+            ids = self._token_cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[:max_tokens] or [self.pad_id]
 
     def lm_forward(self, model, batch, device):
         kwargs = {}
@@ -73,7 +81,7 @@ class ControlRecObjective(SFTObjective):
 
     def _encode(self, model, texts: list[str], device, max_tokens: int = 64) -> torch.Tensor:
         """Mean-pooled last decoder states of ``texts`` (one padded forward pass)."""
-        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] or [self.pad_id] for t in texts]
+        ids = [self._tokens(t, max_tokens) for t in texts]
         width = max(map(len, ids))
         input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)

@@ -121,7 +121,7 @@ def visibility_mask(position_ids: torch.Tensor, entity_ids: torch.Tensor, graph:
 def tokenize_with_entities(tokenizer, prompt: str, response: str, seq_len: int,
                            index: EntityIndex) -> tuple[list[int], int, list[int]]:
     """``packing.tokenize_sample`` plus the entity key of every token (same ids, same cuts)."""
-    from trainers.packing import frame_prompt
+    from trainers.packing import fit_sample, frame_prompt
 
     def encode(text: str) -> tuple[list[int], list[int]]:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -130,10 +130,6 @@ def tokenize_with_entities(tokenizer, prompt: str, response: str, seq_len: int,
     head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompt_ids, prompt_ents = encode(frame_prompt(prompt))
     response_ids, response_ents = encode(response)
-    response_ids, response_ents = response_ids + [tokenizer.eos_token_id], response_ents + [0]
-    keep = seq_len - len(head) - 1
-    response_ids, response_ents = response_ids[:keep], response_ents[:keep]
-    room = seq_len - len(head) - len(response_ids)
-    prompt_ids, prompt_ents = (prompt_ids[-room:], prompt_ents[-room:]) if room > 0 else ([], [])
-    ids = head + prompt_ids + response_ids
-    return ids, len(head) + len(prompt_ids), [0] * len(head) + prompt_ents + response_ents
+    ids, n_prompt = fit_sample(head, prompt_ids, response_ids, tokenizer.eos_token_id, seq_len)
+    entities, _ = fit_sample([0] * len(head), prompt_ents, response_ents, 0, seq_len)
+    return ids, n_prompt, entities
