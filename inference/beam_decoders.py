@@ -1,7 +1,8 @@
-"""Forward passes for constrained beam search: each user's prompt is prefilled once (left-padded batch, HF
-``DynamicCache``), then every beam takes one token per code level. ``SharedPromptDecoder`` (LLaMA) runs the
-decoder layers itself so a user's beams read its prompt keys/values in place; ``CopiedCacheDecoder`` (any
-Hugging Face causal LM) copies the cache to every beam and reorders the copies each level.
+"""Forward passes for constrained beam search: each user's prompt is prefilled once (left-padded batch), then
+every beam takes one token per code level. ``SharedPromptDecoder`` (LLaMA) runs the decoder layers itself: the
+prefill stops the last layer at keys/values for all but the last prompt token, and in the decode steps a user's
+beams read its prompt keys/values in place. ``CopiedCacheDecoder`` (any Hugging Face causal LM) uses the stock
+forward with a ``DynamicCache``, copies it to every beam and reorders the copies each level.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 DECODERS = ("auto", "shared_prompt", "copied_cache")
 
@@ -25,23 +27,27 @@ class CopiedCacheDecoder:
 
     def prefill(self, prompt_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """Logits [users, vocab] of the token after each prompt."""
+        input_ids, position_ids = self._left_padded(prompt_ids)
+        self.cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def _left_padded(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, position_ids) [users, width], left-padded so that every user's last prompt token sits in
+        the last column; sets ``lengths`` and ``attention_mask``."""
         device = self.model.device
         self.lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
         if int(self.lengths.min()) == 0:
             raise ValueError("every prompt needs at least one token (BOS)")
         width = int(self.lengths.max())
-        # Left padding: every user's last prompt token sits in the last column.
         input_ids = torch.zeros(len(prompt_ids), width, dtype=torch.long)
         self.attention_mask = torch.zeros(len(prompt_ids), width, dtype=torch.long)
         for row, prompt in enumerate(prompt_ids):
             input_ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
             self.attention_mask[row, width - len(prompt):] = 1
         input_ids, self.attention_mask = input_ids.to(device), self.attention_mask.to(device)
-        position_ids = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        self.cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]
+        return input_ids, (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
 
     def expand(self, num_beams: int, steps: int) -> None:
         """Make room for ``num_beams`` beams per user and ``steps`` more tokens each."""
@@ -63,20 +69,58 @@ class CopiedCacheDecoder:
 
 
 class SharedPromptDecoder(CopiedCacheDecoder):
-    """LLaMA decode steps in which the beams of a user share its prompt's keys/values: attention to the prompt is
-    one matmul per user for all its beams' queries, attention to the code tokens so far one per beam, both in one
-    softmax. Only the code tokens' keys/values (a few per beam) are stored per beam and reordered. The layers'
-    own modules (projections, norms, MLP, rotary embedding) do the rest. Expects a plain LlamaForCausalLM
-    (the merged model inference loads), not a PEFT wrapper."""
+    """LLaMA layers run by hand. Prefill: keys/values of every prompt token, the last layer's attention output and
+    MLP at the last token only. Decode steps: the beams of a user share its prompt's keys/values: attention to the
+    prompt is one matmul per user for all its beams' queries, attention to the code tokens so far one per beam,
+    both in one softmax; only the code tokens' keys/values (a few per beam) are stored per beam and reordered.
+    The layers' own modules (projections, norms, MLP, rotary embedding) do the rest. Expects a plain
+    LlamaForCausalLM (the merged model inference loads), not a PEFT wrapper."""
+
+    @property
+    def layers(self):
+        return self.model.model.layers[: self.model.config.num_hidden_layers]
+
+    def prefill(self, prompt_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Logits [users, vocab] of the token after each prompt, and every layer's prompt keys/values, from the
+        layers run here: the last layer needs keys/values of every prompt token but its attention output and MLP
+        only at the last one, so those run on one row per user (the stock forward runs them on every token)."""
+        input_ids, position_ids = self._left_padded(prompt_ids)
+        base, layers = self.model.model, self.layers
+        users, width = input_ids.shape
+        hidden = base.embed_tokens(input_ids)
+        cos, sin = base.rotary_emb(hidden, position_ids)  # [users, width, head_dim]
+        # Causal over real tokens; a padding query sees only itself, so no softmax row is empty (never read).
+        causal = torch.ones(width, width, dtype=torch.bool, device=hidden.device).tril()
+        mask = (causal & self.attention_mask.bool()[:, None, :]) | torch.eye(width, dtype=torch.bool,
+                                                                          device=hidden.device)
+        mask = mask[:, None]  # [users, 1, queries, keys]
+        # Attention to the prompt in the decode steps runs in float32 whatever the model's dtype, as SDPA
+        # accumulates (bf16 scores would be off by ~1e-2); the keys/values are small next to the weights.
+        self.prompt_keys, self.prompt_values = [], []
+        for index, layer in enumerate(layers):
+            attn = layer.self_attn
+            normed = layer.input_layernorm(hidden)
+            key = attn.k_proj(normed).view(users, width, -1, attn.head_dim).transpose(1, 2)
+            value = attn.v_proj(normed).view(users, width, -1, attn.head_dim).transpose(1, 2)
+            key = key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1)
+            self.prompt_keys.append(key.float())
+            self.prompt_values.append(value.float())
+            if index == len(layers) - 1:  # only the last token goes on
+                normed, hidden, cos, sin = (t[:, -1:] for t in (normed, hidden, cos, sin))
+                mask = mask[:, :, -1:]
+            queries = normed.shape[1]
+            query = attn.q_proj(normed).view(users, queries, -1, attn.head_dim).transpose(1, 2)
+            query = query * cos.unsqueeze(1) + rotate_half(query) * sin.unsqueeze(1)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scaling,
+                                                 enable_gqa=query.shape[1] != key.shape[1])
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(users, queries, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.model.lm_head(base.norm(hidden[:, -1]))
 
     def expand(self, num_beams: int, steps: int) -> None:
-        layers = self.model.model.layers[: self.model.config.num_hidden_layers]
-        # Attention runs in float32 whatever the model's dtype, as SDPA accumulates (bf16 scores would be off
-        # by ~1e-2); the keys/values are small next to the weights.
-        self.prompt_keys = [self.cache.layers[i].keys.float() for i in range(len(layers))]
-        self.prompt_values = [self.cache.layers[i].values.float() for i in range(len(layers))]
-        self.cache = None
+        layers = self.layers
         users, kv_heads, _, head_dim = self.prompt_keys[0].shape
+        self.prompt_keys_t = [k.transpose(-1, -2).contiguous() for k in self.prompt_keys]  # [users, kv, dim, width]
         # Additive mask over prompt columns: left padding is never attended to.
         self.prompt_bias = torch.zeros(self.attention_mask.shape, dtype=torch.float32, device=self.model.device)
         self.prompt_bias.masked_fill_(self.attention_mask == 0, -torch.inf)
@@ -94,11 +138,24 @@ class SharedPromptDecoder(CopiedCacheDecoder):
         cos, sin = base.rotary_emb(hidden.unsqueeze(1), self.next_position.unsqueeze(0))
         cos, sin = cos[0], sin[0]  # [rows, head_dim]
         self.done += 1
-        for index, layer in enumerate(base.layers[: self.model.config.num_hidden_layers]):
+        for index, layer in enumerate(self.layers):
             hidden = hidden + self._attention(index, layer.self_attn, layer.input_layernorm(hidden), cos, sin)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         self.next_position = self.next_position + 1
-        return self.model.lm_head(base.norm(hidden))
+        return self._head(base.norm(hidden))
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head into one [rows, vocab] buffer kept across levels and batches: a fresh one per step is the
+        largest tensor of the search, and on the CPU its page faults cost more than its softmax. The caller is
+        done with a step's logits before the next step."""
+        head = self.model.lm_head
+        if type(head) is not torch.nn.Linear or head.bias is not None:
+            return head(hidden)
+        rows, vocab = len(hidden), head.out_features
+        buffer = getattr(self, "_logits", None)
+        if buffer is None or buffer.shape[0] < rows or buffer.dtype != hidden.dtype or buffer.device != hidden.device:
+            buffer = self._logits = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
+        return torch.mm(hidden, head.weight.t(), out=buffer[:rows])
 
     def _attention(self, index: int, attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rows, beams, done = len(hidden), self.num_beams, self.done
@@ -114,16 +171,18 @@ class SharedPromptDecoder(CopiedCacheDecoder):
         self.code_values[index][:, :, done - 1] = value
 
         # Everything as [users, kv_heads, beams, groups, ...]: the prompt is the same for all of a user's beams
-        # (one matmul per user and kv head), the code tokens are each beam's own.
+        # (one matmul per user and kv head), the code tokens are each beam's own: a few per beam, so their
+        # scores and values are broadcast products (a batched matmul of thousands of 1-3 wide matrices is slower).
         query = (query.float() * attn.scaling).view(users, beams, kv_heads, groups, head_dim).permute(0, 2, 1, 3, 4)
         code_keys, code_values = (t[:, :, :done].view(users, beams, kv_heads, done, head_dim).permute(0, 2, 1, 3, 4)
                                   for t in (self.code_keys[index], self.code_values[index]))
         prompt_scores = torch.matmul(query.reshape(users, kv_heads, beams * groups, head_dim),
-                                     prompt_keys.transpose(-1, -2)).view(users, kv_heads, beams, groups, width)
-        code_scores = torch.matmul(query, code_keys.transpose(-1, -2))  # [users, kv_heads, beams, groups, done]
-        weights = torch.softmax(torch.cat([prompt_scores + self.prompt_bias, code_scores], dim=-1), dim=-1)
+                                     self.prompt_keys_t[index]).view(users, kv_heads, beams, groups, width)
+        code_scores = (query.unsqueeze(4) * code_keys.unsqueeze(3)).sum(-1)  # [users, kv_heads, beams, groups, done]
+        weights = torch.softmax(torch.cat([prompt_scores.add_(self.prompt_bias), code_scores], dim=-1), dim=-1)
         out = torch.matmul(weights[..., :width].reshape(users, kv_heads, beams * groups, width), prompt_values)
-        out = out.view(users, kv_heads, beams, groups, head_dim) + torch.matmul(weights[..., width:], code_values)
+        out = out.view(users, kv_heads, beams, groups, head_dim) + \
+            (weights[..., width:].unsqueeze(-1) * code_values.unsqueeze(3)).sum(-2)
         return attn.o_proj(out.permute(0, 2, 1, 3, 4).reshape(rows, kv_heads * groups * head_dim).to(hidden.dtype))
 
     def reorder(self, origin: torch.Tensor) -> None:

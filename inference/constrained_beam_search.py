@@ -140,9 +140,10 @@ def constrained_beam_search(model, prompt_ids: Sequence[Sequence[int]], trie: Co
     step = users_per_batch or users
     # Batches of users with similar prompt lengths waste less of the prefill on padding.
     order = sorted(range(users), key=lambda user: len(prompt_ids[user]))
+    forward = decoder_for(model, decoder)  # one for all batches: it keeps its buffers
     with _eval_mode(model):
-        parts = [_search_batch(decoder_for(model, decoder), [prompt_ids[u] for u in order[i:i + step]], edges,
-                               num_beams, top_k) for i in range(0, users, step)]
+        parts = [_search_batch(forward, [prompt_ids[u] for u in order[i:i + step]], edges, num_beams, top_k)
+                 for i in range(0, users, step)]
     items, scores = _empty_result(users, top_k)
     items[order], scores[order] = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return items, scores

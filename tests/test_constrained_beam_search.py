@@ -156,6 +156,27 @@ def test_fewer_items_than_k_are_padded_with_minus_one_and_minus_inf():
     assert_same_results((items, scores), reference_beam_search(model, [[5, 6, 7]], trie, 5, 5))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shared_prompt_prefill_matches_the_stock_forward(seed):
+    """The LLaMA layers run by hand (last layer on the last token only) give the stock forward's next-token
+    logits and, at every real prompt position, its keys/values; left padding of any width changes nothing."""
+    model = random_llama(seed, 64, 8)
+    prompts = [[1, 5, 9, 11, 40], [1, 7], [1, 3, 3, 3, 3, 3, 3, 20], [1]]
+    stock, shared = CopiedCacheDecoder(model), SharedPromptDecoder(model)
+    with torch.inference_mode():
+        expected, got = stock.prefill(prompts), shared.prefill(prompts)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        for layer, cached in enumerate(stock.cache.layers):
+            for row, prompt in enumerate(prompts):
+                real = slice(-len(prompt), None)
+                torch.testing.assert_close(shared.prompt_keys[layer][row, :, real], cached.keys[row, :, real],
+                                           rtol=0, atol=1e-5)
+                torch.testing.assert_close(shared.prompt_values[layer][row, :, real],
+                                           cached.values[row, :, real], rtol=0, atol=1e-5)
+        alone = [shared.prefill([prompt]) for prompt in prompts]
+    torch.testing.assert_close(torch.cat(alone), got, rtol=0, atol=1e-5)
+
+
 def test_llama_models_get_the_shared_prompt_decoder():
     model = random_llama(0, 64, 4)
     assert type(decoder_for(model)) is SharedPromptDecoder
