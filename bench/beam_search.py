@@ -1,7 +1,8 @@
 """Bench of constrained beam search: ours against Hugging Face ``model.generate`` with the same trie as
 ``prefix_allowed_tokens_fn``, on tiny() with the semantic vocabulary <a_0>..<d_255>, random item codes and
 synthetic user prompts. Prints users/s of both (wall clock and per CPU second), the ratio, and how often the
-two top-K lists agree (and, where they differ, whether a rounding-level tie explains it).
+two top-K lists agree (and, where they differ, whether a rounding-level tie explains it). The speedup splits
+into work avoided (matmul FLOPs per user, counted from the model's shape) and work done faster (GFLOP/s).
 
     python bench/beam_search.py --threads 1             # 256 users, 4,000 items, beam 20, K 10 (goal: >= 20x)
     python bench/beam_search.py --users 64 --decoder copied_cache --new-token-noise 0.01
@@ -75,6 +76,27 @@ def full_sequence_scores(model, prompt: list[int], codes: list[list[int]]) -> to
     return log_probs.gather(2, torch.tensor(codes).unsqueeze(2)).squeeze(2).sum(1)
 
 
+def matmul_flops_per_user(config, prompt_tokens: float, levels: int, num_beams: int) -> dict[str, float]:
+    """Matmul FLOPs one user costs each search (attention included, norms and softmaxes not), the floor of what
+    each can cost. Hugging Face prefills the prompt once per beam and runs every layer on every prompt token; ours
+    prefills it once, and its last layer stops at keys/values except at the last token. Both then take
+    ``levels - 1`` steps of ``num_beams`` rows through every layer and the full-vocabulary head."""
+    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q_dim, kv_dim, layers = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim, \
+        config.num_hidden_layers
+    kv = 2 * hidden * 2 * kv_dim
+    rest = 2 * hidden * q_dim + 2 * q_dim * hidden + 3 * 2 * hidden * inter
+    attention = 2 * 2 * q_dim  # per token of context
+    head = 2 * hidden * vocab
+    prompt_layer = kv + rest + attention * prompt_tokens / 2  # a prompt token attends to ~half the prompt
+    decode = (num_beams * (levels - 1) * (layers * (kv + rest + attention * prompt_tokens) + head))
+    hf = num_beams * (prompt_tokens * layers * prompt_layer + head) + decode
+    ours = prompt_tokens * (layers - 1) * prompt_layer + prompt_tokens * kv + rest + attention * prompt_tokens \
+        + head + decode
+    return {"ours": ours, "hf": hf}
+
+
 def best_seconds(runs: dict, repeats: int) -> dict:
     """Per name: (result of its last run, fastest wall-clock seconds, fewest CPU seconds) over ``repeats`` runs.
     The runs take turns, so a busy spell on the shared machine slows both sides alike; with one thread, CPU
@@ -144,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{hf_users} users, {args.hf_users_per_batch} users per batch)")
     print(f"ratio: {(args.users / ours_wall) / (hf_users / hf_wall):.1f}x wall, "
           f"{(args.users / ours_cpu) / (hf_users / hf_cpu):.1f}x CPU time (goal >= 20x)")
+    flops = matmul_flops_per_user(model.config, sum(lengths) / len(lengths), trie.depth, args.beams)
+    ours_rate, hf_rate = args.users * flops["ours"] / ours_wall / 1e9, hf_users * flops["hf"] / hf_wall / 1e9
+    print(f"matmul FLOPs per user: ours {flops['ours'] / 1e6:,.0f} M, hf {flops['hf'] / 1e6:,.0f} M "
+          f"({flops['hf'] / flops['ours']:.1f}x); run at {ours_rate:,.0f} vs {hf_rate:,.0f} GFLOP/s "
+          f"({ours_rate / hf_rate:.1f}x); the speedup is the product of the two")
     report_agreement(model, prompt_ids[:hf_users], trie, token_ids, ours[:hf_users], ours_scores[:hf_users], theirs,
                      args.beams)
     return 0
