@@ -6,6 +6,7 @@ into work avoided (matmul FLOPs per user, counted from the model's shape) and wo
 
     python bench/beam_search.py --threads 1             # 256 users, 4,000 items, beam 20, K 10 (goal: >= 20x)
     python bench/beam_search.py --users 64 --decoder copied_cache --new-token-noise 0.01
+    python bench/beam_search.py --model smollm2_135m --users 32 --hf-users 8 --users-per-batch 16 --repeats 1
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from data_pipeline.item_ids.item_codes import semantic_token, semantic_vocabular
 from inference.code_trie import CodeTrie  # noqa: E402
 from inference.constrained_beam_search import (constrained_beam_search, encode_prompts,  # noqa: E402
                                                hf_prefix_allowed_tokens_fn)
-from trainers.models import tiny  # noqa: E402
+from trainers.models import smollm2_135m, tiny  # noqa: E402
 
 
 def random_codes(items: int, levels: int, codes: int, generator: torch.Generator) -> torch.Tensor:
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users-per-batch", type=int, default=64, help="ours")
     parser.add_argument("--hf-users-per-batch", type=int, default=16, help="Hugging Face (users x beams rows)")
     parser.add_argument("--hf-users", type=int, default=0, help="run HF on the first N users only (0: all)")
+    parser.add_argument("--model", default="tiny", choices=["tiny", "smollm2_135m"],
+                        help="tiny (the demo's random-init shape) or SmolLM2-135M's pretrained weights (30 layers)")
     parser.add_argument("--decoder", default="auto", help="ours: auto, shared_prompt or copied_cache")
     parser.add_argument("--new-token-noise", type=float, default=1.0,
                         help="code-token embedding rows = mean of the old rows + this x their std x N(0, 1); at "
@@ -135,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tokenizer = tiny(semantic_vocabulary(args.levels, args.codes), new_token_noise=args.new_token_noise,
-                            seed=args.seed)
+    build = {"tiny": tiny, "smollm2_135m": smollm2_135m}[args.model]
+    model, tokenizer = build(semantic_vocabulary(args.levels, args.codes), new_token_noise=args.new_token_noise,
+                             seed=args.seed)
     model.eval()
     generator = torch.Generator().manual_seed(args.seed)
     codes = random_codes(args.items, args.levels, args.codes, generator)
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     trie = CodeTrie(token_ids, vocab_size=len(tokenizer), dense_mask_limit=0)
     prompt_ids = encode_prompts(tokenizer, synthetic_prompts(args.users, codes, generator))
     lengths = [len(p) for p in prompt_ids]
-    print(f"model: tiny hidden {model.config.hidden_size}, {model.config.num_hidden_layers} layers, vocabulary "
+    print(f"model: {args.model} hidden {model.config.hidden_size}, {model.config.num_hidden_layers} layers, vocabulary "
           f"{model.config.vocab_size}; {args.items} items x {args.levels} levels x {args.codes} codes; {args.users} "
           f"users, prompts {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.1f}); beam "
           f"{args.beams}, K {args.top_k}; {torch.get_num_threads()} threads; best of {args.repeats}")
