@@ -56,14 +56,14 @@ def hf_beam_search(model, tokenizer, prompt_ids: list[list[int]], trie: CodeTrie
     out = []
     for start in range(0, len(prompt_ids), users_per_batch):
         users = [prompt_ids[u] for u in order[start:start + users_per_batch]]
-        batch = tokenizer.pad({"input_ids": users}, return_tensors="pt")
+        batch = tokenizer.pad({"input_ids": users}, return_tensors="pt").to(model.device)
         width = batch["input_ids"].shape[1]
         with torch.inference_mode():
             sequences = model.generate(
                 **batch, num_beams=num_beams, num_return_sequences=top_k, do_sample=False, max_new_tokens=trie.depth,
                 early_stopping=False, length_penalty=1.0, pad_token_id=tokenizer.pad_token_id,
                 prefix_allowed_tokens_fn=hf_prefix_allowed_tokens_fn(trie, width, tokenizer.eos_token_id))
-        out.append(trie.item_of(sequences[:, width:]).view(-1, top_k))
+        out.append(trie.item_of(sequences[:, width:].cpu()).view(-1, top_k))
     items = torch.empty(len(prompt_ids), top_k, dtype=torch.long)
     items[order] = torch.cat(out)
     return items
@@ -72,8 +72,8 @@ def hf_beam_search(model, tokenizer, prompt_ids: list[list[int]], trie: CodeTrie
 def full_sequence_scores(model, prompt: list[int], codes: list[list[int]]) -> torch.Tensor:
     """log p(code | prompt) of each code (all of one length), from one uncached forward pass per code."""
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([prompt + code for code in codes])).logits.float()
-    log_probs = torch.log_softmax(logits[:, len(prompt) - 1:-1], dim=-1)
+        logits = model(input_ids=torch.tensor([prompt + code for code in codes], device=model.device)).logits.float()
+    log_probs = torch.log_softmax(logits[:, len(prompt) - 1:-1], dim=-1).cpu()
     return log_probs.gather(2, torch.tensor(codes).unsqueeze(2)).squeeze(2).sum(1)
 
 
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-users", type=int, default=0, help="run HF on the first N users only (0: all)")
     parser.add_argument("--model", default="tiny", choices=["tiny", "smollm2_135m"],
                         help="tiny (the demo's random-init shape) or SmolLM2-135M's pretrained weights (30 layers)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", help="the model's: float32 or bfloat16 (on a GPU)")
     parser.add_argument("--decoder", default="auto", help="ours: auto, shared_prompt or copied_cache")
     parser.add_argument("--new-token-noise", type=float, default=1.0,
                         help="code-token embedding rows = mean of the old rows + this x their std x N(0, 1); at "
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     build = {"tiny": tiny, "smollm2_135m": smollm2_135m}[args.model]
     model, tokenizer = build(semantic_vocabulary(args.levels, args.codes), new_token_noise=args.new_token_noise,
-                             seed=args.seed)
+                             seed=args.seed, device=args.device, dtype=args.dtype)
     model.eval()
     generator = torch.Generator().manual_seed(args.seed)
     codes = random_codes(args.items, args.levels, args.codes, generator)
@@ -188,7 +190,8 @@ def closest_cut(model, prompt: list[int], trie: CodeTrie, num_beams: int) -> flo
         candidates = []
         for code, score in beams:
             with torch.inference_mode():
-                logits = model(input_ids=torch.tensor([prompt + list(code)])).logits[0, -1].float()
+                logits = model(input_ids=torch.tensor([prompt + list(code)], device=model.device)).logits[0, -1]
+                logits = logits.float().cpu()
             log_probs = torch.log_softmax(logits, dim=-1)
             allowed = trie.allowed_next(torch.tensor(code, dtype=torch.long).view(1, len(code)))[0]
             candidates += [(code + (token,), score + float(log_probs[token]))
