@@ -120,7 +120,9 @@ class SharedPromptDecoder(CopiedCacheDecoder):
     def expand(self, num_beams: int, steps: int) -> None:
         layers = self.layers
         users, kv_heads, _, head_dim = self.prompt_keys[0].shape
-        self.prompt_keys_t = [k.transpose(-1, -2).contiguous() for k in self.prompt_keys]  # [users, kv, dim, width]
+        # Transposed once for all levels: [users, kv_heads, head_dim, width] (the untransposed copy is dropped).
+        self.prompt_keys_t = [k.transpose(-1, -2).contiguous() for k in self.prompt_keys]
+        self.prompt_keys = None
         # Additive mask over prompt columns: left padding is never attended to.
         self.prompt_bias = torch.zeros(self.attention_mask.shape, dtype=torch.float32, device=self.model.device)
         self.prompt_bias.masked_fill_(self.attention_mask == 0, -torch.inf)
@@ -160,8 +162,8 @@ class SharedPromptDecoder(CopiedCacheDecoder):
     def _attention(self, index: int, attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rows, beams, done = len(hidden), self.num_beams, self.done
         users = rows // beams
-        prompt_keys, prompt_values = self.prompt_keys[index], self.prompt_values[index]
-        _, kv_heads, width, head_dim = prompt_keys.shape
+        prompt_values = self.prompt_values[index]
+        _, kv_heads, width, head_dim = prompt_values.shape
         groups = self.model.config.num_attention_heads // kv_heads  # query heads per kv head (GQA)
         query = attn.q_proj(hidden).view(rows, kv_heads * groups, head_dim)
         key = attn.k_proj(hidden).view(rows, kv_heads, head_dim)
