@@ -102,7 +102,7 @@ class SharedPromptDecoder(CopiedCacheDecoder):
             normed = layer.input_layernorm(hidden)
             key = attn.k_proj(normed).view(users, width, -1, attn.head_dim).transpose(1, 2)
             value = attn.v_proj(normed).view(users, width, -1, attn.head_dim).transpose(1, 2)
-            key = key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1)
+            key = _rotated(key, cos, sin)
             self.prompt_keys.append(key.float())
             self.prompt_values.append(value.float())
             if index == len(layers) - 1:  # only the last token goes on
@@ -110,7 +110,7 @@ class SharedPromptDecoder(CopiedCacheDecoder):
                 mask = mask[:, :, -1:]
             queries = normed.shape[1]
             query = attn.q_proj(normed).view(users, queries, -1, attn.head_dim).transpose(1, 2)
-            query = query * cos.unsqueeze(1) + rotate_half(query) * sin.unsqueeze(1)
+            query = _rotated(query, cos, sin)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scaling,
                                                  enable_gqa=query.shape[1] != key.shape[1])
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(users, queries, -1))
@@ -191,6 +191,12 @@ class SharedPromptDecoder(CopiedCacheDecoder):
         for store in (self.code_keys, self.code_values):
             for index, tensor in enumerate(store):
                 store[index] = tensor.index_select(0, origin)
+
+
+def _rotated(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of one [users, heads, tokens, head_dim] tensor (``apply_rotary_pos_emb`` takes query and
+    key at the same positions; the prefill's last layer has queries at the last position only)."""
+    return states * cos.unsqueeze(1) + rotate_half(states) * sin.unsqueeze(1)
 
 
 def decoder_for(model, kind: str = "auto") -> CopiedCacheDecoder:
