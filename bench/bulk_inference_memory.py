@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from launcher.cli import main  # noqa: E402
 
-CONFIG = REPO / "configs" / "demo.yaml"
+CONFIG = REPO / "configs" / "alignment_sft.yaml"
 
 
 def write_synthetic_logs(folder: Path, users: int, items: int, seed: int) -> int:

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # name, config, overrides, folders copied from the recipe's first run, stages run
 RUNS = [
-    ("sft", "sft: semantic IDs (the demo)", "configs/demo.yaml", [], None),
+    ("sft", "sft: semantic IDs (the demo)", "configs/alignment_sft.yaml", [], None),
     ("controlrec", "ControlRec (HFM + ICL + visibility)", "configs/controlrec_scientific.yaml", [], None),
     ("controlrec", "ControlRec without HFM", "configs/controlrec_scientific.yaml", ["train.controlrec.hfm=false"],
      "train"),

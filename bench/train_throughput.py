@@ -25,7 +25,7 @@ def prepare_run(run_dir: Path, overrides: list[str]) -> None:
     from launcher.cli import main
 
     for stage in ("prepare", "build-ids", "build-samples"):
-        if main([stage, str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}", *overrides]) != 0:
+        if main([stage, str(REPO / "configs" / "alignment_sft.yaml"), f"run_dir={run_dir}", *overrides]) != 0:
             raise SystemExit(f"{stage} failed")
 
 
@@ -33,7 +33,7 @@ def ours(run_dir: Path, overrides: list[str]) -> dict:
     from launcher.config import load_config
     from trainers.ray_launch import run_training
 
-    cfg = load_config(str(REPO / "configs" / "demo.yaml"), [f"run_dir={run_dir}", *overrides])
+    cfg = load_config(str(REPO / "configs" / "alignment_sft.yaml"), [f"run_dir={run_dir}", *overrides])
     run_training(cfg)
     rows = [json.loads(line) for line in (run_dir / "train" / "logs" / "metrics.jsonl").read_text().splitlines()]
     steady = rows[1:]  # the first window includes start-up (Ray Data, DeepSpeed init)
@@ -50,7 +50,7 @@ def hf_trainer(run_dir: Path, overrides: list[str], tokens_per_step: float, step
     from trainers.models import build_model
     from trainers.packing import IGNORE, tokenize_sample
 
-    cfg = load_config(str(REPO / "configs" / "demo.yaml"), [f"run_dir={run_dir}", *overrides])
+    cfg = load_config(str(REPO / "configs" / "alignment_sft.yaml"), [f"run_dir={run_dir}", *overrides])
     new_tokens = json.loads((run_dir / "item_ids" / "tokens.json").read_text())
     model, tokenizer = build_model(cfg.model, new_tokens, seed=cfg.seed)
     table = pq.read_table(run_dir / "samples" / "train", columns=["prompt", "response"])

@@ -14,3 +14,6 @@ class DataError(Exception):
         if field is not None:
             where += f", field '{field}'"
         super().__init__(f"{where}: {message}")
+
+    def __reduce__(self):  # Ray carries worker errors back pickled: rebuild from the fields, not the text
+        return type(self), (self.file, self.message, self.row, self.field)

@@ -16,7 +16,7 @@ import torch
 
 from inference.beam_decoders import CopiedCacheDecoder, decoder_for
 from inference.code_trie import CodeTrie
-from trainers.packing import frame_prompt
+from data_pipeline.samples.prompt_format import PromptFormat
 
 # Semantics shared by both versions (the tests check them against each other and against brute force):
 # - An item's score is the sum of log p(token | prompt, earlier code tokens) over its code tokens (the end
@@ -33,12 +33,7 @@ from trainers.packing import frame_prompt
 def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int | None = None) -> list[list[int]]:
     """Token ids of each prompt as training saw it: BOS + ``frame_prompt(prompt)``, cut from the left to
     ``max_prompt_tokens`` (BOS kept), as ``trainers.packing.tokenize_sample`` cuts long prompts."""
-    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    framed = tokenizer([frame_prompt(p) for p in prompts], add_special_tokens=False)["input_ids"]
-    if max_prompt_tokens is not None:
-        room = max_prompt_tokens - len(head)
-        framed = [ids[-room:] if room > 0 else [] for ids in framed]
-    return [head + list(ids) for ids in framed]
+    return PromptFormat().prompt_ids(tokenizer, list(prompts), max_prompt_tokens)
 
 
 def build_token_trie(item_ids_dir: str, tokenizer, end_token: int | None = None) -> CodeTrie:

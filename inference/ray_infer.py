@@ -36,7 +36,7 @@ class ShardWorker:
         from inference.topk_scorer import TopKScorer
 
         device = "cuda" if icfg.use_gpu else "cpu"
-        self.scorer = TopKScorer(run_dir, model_dir, icfg, num_items, num_users, device)
+        self.scorer = TopKScorer.from_model_dir(run_dir, model_dir, icfg, num_items, num_users, device)
         self.users: ts.UserHistories = ray.get(users)  # zero-copy views of the driver's one copy in the object store
         self.topk_dir = storage.join(run_dir, "topk")
         self.settings, self.recent = settings, recent

@@ -76,11 +76,10 @@ def pick_scores(replies: list[str], targets: list[str], prompts: list[str]) -> d
 def left_padded(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts framed and tokenised exactly as in training (trainers.packing), left-padded so every
     continuation starts at the same column: (input_ids, attention_mask)."""
-    from trainers.packing import frame_prompt
+    from data_pipeline.samples.prompt_format import PromptFormat, pad_token_id
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = [head + tokenizer(frame_prompt(p), add_special_tokens=False)["input_ids"] for p in prompts]
+    pad = pad_token_id(tokenizer)
+    ids = PromptFormat().prompt_ids(tokenizer, prompts)
     width = max(len(x) for x in ids)
     return (torch.tensor([[pad] * (width - len(x)) + x for x in ids]),
             torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids]))

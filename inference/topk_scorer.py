@@ -14,23 +14,23 @@ import torch
 
 from data_pipeline import storage
 from data_pipeline.item_ids.item_codes import read_item_codes
+from data_pipeline.samples.prompt_format import pad_token_id
 from inference.code_trie import CodeTrie
 
 log = logging.getLogger("recllm.infer")
 
 
 class TopKScorer:
-    def __init__(self, run_dir: str, model_dir: str, infer_cfg, num_items: int, num_users: int, device: str = "cpu"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Scores users with a loaded model: the trained model of `recllm infer`, or the model in training when the
+    trainer measures its valid score (``train.eval_every``), so both use one scorer and one prompt format."""
 
+    def __init__(self, run_dir: str, model, tokenizer, prompt_format, infer_cfg, num_items: int, num_users: int,
+                 device: str = "cpu"):
         from inference.user_prompts import PromptBuilder
 
-        self.cfg, self.device = infer_cfg, device
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-        self.model_version = _model_version(model_dir)
-        self.prompts = PromptBuilder(run_dir, num_items, num_users, infer_cfg.max_history)
+        self.cfg, self.device, self.model, self.tokenizer = infer_cfg, device, model, tokenizer
+        self.model_version = ""
+        self.prompts = PromptBuilder(run_dir, num_items, num_users, infer_cfg.max_history, prompt_format=prompt_format)
         codes = read_item_codes(storage.join(run_dir, "item_ids")).sort_by("item_id")  # row r = item_id r
         self.items = codes.column("item_id").to_numpy()
         token_seqs = self._token_sequences(codes)
@@ -42,6 +42,21 @@ class TopKScorer:
             needs_end = len({len(s) for s in token_seqs}) > 1
             self.trie = CodeTrie(token_seqs, self.items, vocab_size=len(self.tokenizer),
                                  end_token=self.tokenizer.eos_token_id if needs_end else None)
+
+    @classmethod
+    def from_model_dir(cls, run_dir: str, model_dir: str, infer_cfg, num_items: int, num_users: int,
+                       device: str = "cpu") -> "TopKScorer":
+        """The exported model, its tokenizer and the prompt format saved with it."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from data_pipeline.samples.prompt_format import PromptFormat
+
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        scorer = cls(run_dir, model, tokenizer, PromptFormat.load(model_dir), infer_cfg, num_items, num_users, device)
+        scorer.model_version = _model_version(model_dir)
+        return scorer
 
     def _token_sequences(self, codes: pa.Table) -> list[list[int]]:
         """Each item's answer as LM token ids: its new tokens, or its text (subtoken IDs) tokenised as in training."""
@@ -57,15 +72,13 @@ class TopKScorer:
         return out
 
     def _prompt_rows(self, user_ids, histories) -> list[list[int]]:
-        from inference.constrained_beam_search import encode_prompts
-
-        return encode_prompts(self.tokenizer, [self.prompts.prompt(int(u), list(h)) for u, h in zip(user_ids, histories)])
+        return self.prompts.prompt_ids(self.tokenizer, user_ids, histories)
 
     def _encode(self, user_ids, histories) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and attention mask (the multinomial head reads the last position)."""
         rows = self._prompt_rows(user_ids, histories)
         width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = pad_token_id(self.tokenizer)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
@@ -89,7 +102,7 @@ class TopKScorer:
                 from inference.constrained_beam_search import constrained_beam_search
 
                 prompt_rows = self._prompt_rows(u, h)
-                items, scores = constrained_beam_search(self.model, prompt_rows, self.trie, self.cfg.num_beams,
+                items, scores = constrained_beam_search(getattr(self.model, "module", self.model), prompt_rows, self.trie, self.cfg.num_beams,
                                                         self.cfg.num_beams if self.cfg.exclude_seen else self.cfg.top_k)
                 items, scores = items.cpu().numpy(), scores.float().cpu().numpy()
                 if self.cfg.exclude_seen:

@@ -48,8 +48,17 @@ class RecllmConfig:
     def check(self) -> list[str]:
         from launcher.stages import STAGES
 
+        from trainers.recipes.registry import OBJECTIVES, objective_class
+
         unknown = [s for s in self.stages if s not in STAGES]
-        return [f"stages: {unknown} not among {list(STAGES)}"] if unknown else []
+        problems = [f"stages: {unknown} not among {list(STAGES)}"] if unknown else []
+        objective_class("sft")  # loads the shipped recipes into the registry
+        if self.train.objective in OBJECTIVES:  # an unknown name is reported by train.check
+            problems += OBJECTIVES[self.train.objective].check(self)
+        if self.infer.scorer == "multinomial" and self.ids.scheme != "atomic":
+            problems.append(f"infer.scorer: 'multinomial' scores one token per item (ids.scheme=atomic), got "
+                            f"ids.scheme={self.ids.scheme!r}")
+        return problems
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> RecllmConfig:

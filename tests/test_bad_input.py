@@ -24,7 +24,7 @@ def _lcrec(folder, inter, items=None, name="Toy"):
 
 def _run(tmp_path, raw, *overrides):
     run_dir = tmp_path / "run"
-    rc = main(["prepare", str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}", f"data.path={raw}", *overrides])
+    rc = main(["prepare", str(REPO / "configs" / "alignment_sft.yaml"), f"run_dir={run_dir}", f"data.path={raw}", *overrides])
     return rc, run_dir
 
 

@@ -58,3 +58,37 @@ def test_every_field_of_every_section_has_a_docstring():
     assert DataConfig in classes
     missing = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c) if not field_docs(c).get(f.name)]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.objective=sequence", "samples.tasks=[sequential]"], "'sequence' trains on the user_sequence task"),
+    (["train.objective=cllm4rec", "ids.scheme=semantic"], "'cllm4rec' needs one token per item"),
+    (["train.objective=controlrec", "ids.scheme=atomic", "model.attn_implementation=flash_attention_2",
+      "model.dtype=bfloat16"], "train.controlrec.visibility: needs model.attn_implementation sdpa or eager"),
+    (["train.objective=controlrec", "ids.scheme=semantic", "train.controlrec.visibility=true"],
+     "train.controlrec.visibility: needs items named by their IDs"),
+    (["infer.scorer=multinomial", "ids.scheme=semantic"], "infer.scorer: 'multinomial' scores one token per item"),
+    (["train.objective=nonesuch"], "train.objective: 'nonesuch' is not one of"),
+])
+def test_plan_exits_2_on_each_cross_section_rule(overrides, needle, capsys):
+    """Rules spanning sections are checked when the config loads, so `recllm plan` rejects them before Ray starts."""
+    from launcher.cli import main
+
+    assert main(["plan", str(REPO / "configs" / "demo.yaml"), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+
+
+def test_a_registered_objective_is_accepted_by_name_without_editing_the_project():
+    from trainers.recipes.objectives import SFTObjective
+    from trainers.recipes.registry import OBJECTIVES, register_objective
+
+    @register_objective("toy_for_config_test")
+    class Toy(SFTObjective):
+        pass
+
+    try:
+        cfg = load_config(str(REPO / "configs" / "demo.yaml"), ["train.objective=toy_for_config_test"])
+        assert cfg.train.objective == "toy_for_config_test"
+    finally:
+        OBJECTIVES.pop("toy_for_config_test")

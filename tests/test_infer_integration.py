@@ -33,7 +33,7 @@ def _slice_scientific(folder: Path, users: int) -> None:
 
 
 def _args(run_dir: Path, raw: Path, *extra: str) -> list[str]:
-    return [str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}", f"data.path={raw}", "ids.scheme=precomputed",
+    return [str(REPO / "configs" / "alignment_sft.yaml"), f"run_dir={run_dir}", f"data.path={raw}", "ids.scheme=precomputed",
             "infer.users_per_shard=64", "infer.top_k=10", "infer.num_beams=10", "infer.batch_size=32",
             "eval.sasrec.epochs=3", *extra]
 
@@ -43,7 +43,7 @@ def _export_untrained_model(run_dir: Path) -> None:
     from launcher.config import load_config
     from trainers.models import build_model
 
-    cfg = load_config(str(REPO / "configs" / "demo.yaml"), [f"run_dir={run_dir}"])
+    cfg = load_config(str(REPO / "configs" / "alignment_sft.yaml"), [f"run_dir={run_dir}"])
     tokens = json.loads((run_dir / "item_ids" / "tokens.json").read_text())
     model, tokenizer = build_model(cfg.model, tokens, seed=1)
     model.save_pretrained(run_dir / "model")

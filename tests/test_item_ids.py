@@ -366,7 +366,7 @@ def test_build_ids_is_a_stage_after_prepare(tiny_run, capsys):
     from launcher.stages import STAGES
 
     assert list(STAGES)[:2] == ["prepare", "build-ids"]
-    assert main(["build-ids", str(REPO / "configs" / "demo.yaml"), f"run_dir={tiny_run}", "ids.scheme=atomic"]) == 0
+    assert main(["build-ids", str(REPO / "configs" / "alignment_sft.yaml"), f"run_dir={tiny_run}", "ids.scheme=atomic"]) == 0
     assert "item ids: atomic scheme, 200 items" in capsys.readouterr().out
-    cfg = load_config(str(REPO / "configs" / "demo.yaml"), ["ids.scheme=precomputed", "ids.levels=3", "ids.sasrec.epochs=5"])
+    cfg = load_config(str(REPO / "configs" / "alignment_sft.yaml"), ["ids.scheme=precomputed", "ids.levels=3", "ids.sasrec.epochs=5"])
     assert cfg.ids.scheme == "precomputed" and cfg.ids.levels == 3 and cfg.ids.sasrec.epochs == 5

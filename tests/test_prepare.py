@@ -20,7 +20,7 @@ def _manifest(run_dir):
 
 
 def test_demo_config_on_scientific_gives_published_counts(tmp_path):
-    assert main(["prepare", str(REPO / "configs" / "demo.yaml"), f"run_dir={tmp_path}"]) == 0
+    assert main(["prepare", str(REPO / "configs" / "alignment_sft.yaml"), f"run_dir={tmp_path}"]) == 0
     c = _manifest(tmp_path)["counts"]
     assert (c["users"], c["items"], c["interactions"]) == (8317, 4344, 58492)
     assert c["test_rows"] == c["users"] == c["valid_rows"]
@@ -55,7 +55,7 @@ def test_shards_follow_the_stable_user_hash(demo_dataset):
 
 
 def test_global_time_split_needs_timestamps(tmp_path):
-    rc = main(["prepare", str(REPO / "configs" / "demo.yaml"), f"run_dir={tmp_path}", "data.split=global_time"])
+    rc = main(["prepare", str(REPO / "configs" / "alignment_sft.yaml"), f"run_dir={tmp_path}", "data.split=global_time"])
     assert rc == 2 and not (tmp_path / "dataset").exists()
 
 
@@ -87,7 +87,7 @@ def test_global_time_split_on_reviews(tmp_path):
 ])
 def test_other_shared_datasets_without_code_change(tmp_path, folder, fmt, name, expect):
     path = shared_dataset(folder)
-    rc = main(["prepare", str(REPO / "configs" / "demo.yaml"), f"run_dir={tmp_path}", f"data.path={path}",
+    rc = main(["prepare", str(REPO / "configs" / "alignment_sft.yaml"), f"run_dir={tmp_path}", f"data.path={path}",
                f"data.name={name}", f"data.format={fmt}"])
     assert rc == 0
     c = _manifest(tmp_path)["counts"]

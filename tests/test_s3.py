@@ -49,7 +49,7 @@ def test_prepare_from_and_to_s3_matches_local(tmp_path, s3_endpoint):
     for name in ("Scientific.inter.json", "Scientific.item.json"):
         s3.upload_file(str(DEMO_DATA / name), "raw", f"scientific/{name}")
 
-    config = str(REPO / "configs" / "demo.yaml")
+    config = str(REPO / "configs" / "alignment_sft.yaml")
     assert main(["prepare", config, "data.path=s3://raw/scientific", "run_dir=s3://runs/demo"]) == 0
     assert main(["prepare", config, f"run_dir={tmp_path}"]) == 0
 

@@ -113,7 +113,9 @@ def atomic_run(toy_dataset, tmp_path_factory) -> Path:
 def test_templates_come_from_the_data_files_five_or_more_per_variant():
     from importlib import resources
 
-    for task in TASKS:
+    from data_pipeline.samples.prompt_templates import TEMPLATE_FREE_TASKS
+
+    for task in [t for t in TASKS if t not in TEMPLATE_FREE_TASKS]:
         on_disk = json.loads(resources.files(TEMPLATE_PACKAGE).joinpath(f"{task}.json").read_text())
         loaded = load_templates(task)
         assert set(loaded) == set(on_disk["variants"])
@@ -299,7 +301,7 @@ def test_config_problems_reported_together():
 
 def test_build_samples_stage_from_the_command_line(toy_dataset, tmp_path):
     run_dir = _with_ids(toy_dataset, tmp_path, "semantic")
-    rc = main(["build-samples", str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}",
+    rc = main(["build-samples", str(REPO / "configs" / "alignment_sft.yaml"), f"run_dir={run_dir}",
                "samples.tasks=sequential,text_alignment", "samples.seed=4"])
     assert rc == 0
     manifest = json.loads((run_dir / "samples" / "manifest.json").read_text())

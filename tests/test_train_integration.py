@@ -25,7 +25,7 @@ def prepared(tmp_path_factory, ray_local):
     run_dir = tmp_path_factory.mktemp("train_run")
     args = [f"run_dir={run_dir}", "ids.scheme=precomputed", *BASE]
     for stage in ("prepare", "build-ids", "build-samples"):
-        assert main([stage, str(REPO / "configs" / "demo.yaml"), *args]) == 0
+        assert main([stage, str(REPO / "configs" / "alignment_sft.yaml"), *args]) == 0
     return run_dir
 
 
@@ -39,7 +39,7 @@ def _copy_inputs(src: Path, dst: Path) -> Path:
 def _train(run_dir: Path, *extra: str) -> dict:
     from trainers.ray_launch import run_training
 
-    cfg = load_config(str(REPO / "configs" / "demo.yaml"), [f"run_dir={run_dir}", "ids.scheme=precomputed", *BASE, *extra])
+    cfg = load_config(str(REPO / "configs" / "alignment_sft.yaml"), [f"run_dir={run_dir}", "ids.scheme=precomputed", *BASE, *extra])
     return run_training(cfg)
 
 
@@ -133,7 +133,7 @@ def test_lora_trains_only_adapters_and_new_token_rows(prepared, tmp_path):
     from trainers.models import build_model
     from transformers import AutoModelForCausalLM
 
-    cfg = load_config(str(REPO / "configs" / "demo.yaml"), [f"run_dir={run_dir}"])
+    cfg = load_config(str(REPO / "configs" / "alignment_sft.yaml"), [f"run_dir={run_dir}"])
     tokens = json.loads((run_dir / "item_ids" / "tokens.json").read_text())
     base, tok = build_model(cfg.model, tokens, seed=cfg.seed)
     merged = AutoModelForCausalLM.from_pretrained(out["model_dir"])

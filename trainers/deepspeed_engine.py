@@ -163,3 +163,12 @@ def configure_cpu_accelerator() -> None:
     """DeepSpeed picks its accelerator at import; pin it to CPU where there is no CUDA."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def full_parameters(engine):
+    """A context in which every rank holds the whole model (ZeRO-3 gathers it; other stages already do), for
+    scoring code that reads weights directly, such as the beam search's own prefill."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None,
+                                             enabled=zero_stage(engine.config) == 3)

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import torch
+
+from data_pipeline.samples.prompt_format import PromptFormat, fit_sample, format_for_task  # noqa: F401
 
 IGNORE = -100
 
 
 def frame_prompt(prompt: str) -> str:
     """The text the model sees before its answer; shared by training and inference."""
-    return f"{prompt}\nAnswer: "
+    return PromptFormat().frame(prompt)
 
 
 @dataclass
@@ -42,21 +44,9 @@ class TokenizedSample:
         return cls(int(row[0]), int(row[1]), list(map(int, row[2])), int(row[3]), entities)
 
 
-def fit_sample(head: list[int], prompt: list, response: list, eos, seq_len: int) -> tuple[list, int]:
-    """head + prompt + response + EOS cut to ``seq_len``: the response keeps its start, the prompt loses its
-    start. Works on any per-token lists (ids, or the entity keys that ride along with them)."""
-    response = (response + [eos])[: seq_len - len(head) - 1]
-    room = seq_len - len(head) - len(response)
-    prompt = prompt[-room:] if room > 0 else []
-    return head + prompt + response, len(head) + len(prompt)
-
-
-def tokenize_sample(tokenizer, prompt: str, response: str, seq_len: int) -> tuple[list[int], int]:
-    """(input_ids, prompt_len). Long prompts are cut from the left so the response always fits."""
-    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_ids = tokenizer(frame_prompt(prompt), add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    return fit_sample(head, prompt_ids, response_ids, tokenizer.eos_token_id, seq_len)
+def tokenize_sample(tokenizer, prompt: str, response: str, seq_len: int, task: str = "") -> tuple[list[int], int]:
+    """(input_ids, prompt_len) in the format of ``task`` (see data_pipeline.samples.prompt_format)."""
+    return format_for_task(task).sample_ids(tokenizer, prompt, response, seq_len)
 
 
 @dataclass
@@ -152,18 +142,3 @@ class Packer:
         return PackedBatch(torch.from_numpy(input_ids), torch.from_numpy(labels), torch.from_numpy(position_ids),
                            torch.from_numpy(task_ids), sample_ids, real,
                            torch.from_numpy(entity_ids) if entity_ids is not None else None)
-
-
-def packed_batches(samples: Iterator[TokenizedSample], packer: Packer) -> Iterator[PackedBatch]:
-    """Plain generator form (benchmarks, tests): pack a finite stream to the end."""
-    exhausted = False
-    while True:
-        while not exhausted and packer.need():
-            try:
-                packer.add([next(samples)])
-            except StopIteration:
-                exhausted = True
-        batch = packer.build()
-        if batch is None:
-            return
-        yield batch

@@ -10,6 +10,8 @@ import logging
 import os
 from pathlib import Path
 
+from data_pipeline.samples.prompt_format import PromptFormat
+
 log = logging.getLogger("recllm.train")
 
 
@@ -25,6 +27,11 @@ def training_inputs(cfg) -> dict:
         raise FileNotFoundError(f"{manifest_file}: run `recllm build-samples` first")
     manifest = json.loads(manifest_file.read_text())
     tasks = list(manifest["config"]["tasks"])
+    sequence = "user_sequence" in tasks
+    prompt_format = PromptFormat(
+        style="sequence" if sequence else "instruction",
+        max_history=manifest["config"].get("max_sequence_items", 50) if sequence
+        else manifest["config"]["max_history_in_prompt"])
     token_texts = None
     if cfg.model.new_token_init == "text":
         import pyarrow.parquet as pq
@@ -34,7 +41,8 @@ def training_inputs(cfg) -> dict:
         titles = {r["item_id"]: r["title"] for r in items if r["title"]}
         token_texts = {row["tokens"][0]: titles[row["item_id"]] for row in codes
                        if len(row["tokens"]) == 1 and row["item_id"] in titles}
-    return {"run_dir": str(run_dir), "new_tokens": new_tokens, "tasks": tasks, "token_texts": token_texts}
+    return {"run_dir": str(run_dir), "new_tokens": new_tokens, "tasks": tasks, "token_texts": token_texts,
+            "prompt_format": prompt_format}
 
 
 def latest_checkpoint(storage_dir: Path):
@@ -67,6 +75,10 @@ def run_training(cfg) -> dict:
         ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env},
                  include_dashboard=False, log_to_driver=True)
     storage_dir = run_dir / "train" / "ray"
+    if not t.resume:  # a fresh run must not export an earlier run's best round
+        import shutil
+
+        shutil.rmtree(run_dir / "train" / "best", ignore_errors=True)
     resume_from = None
     if t.resume:
         path = latest_checkpoint(storage_dir)
@@ -94,5 +106,6 @@ def run_training(cfg) -> dict:
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     with result.checkpoint.as_directory() as ckpt:
-        out = export_checkpoint(cfg, ckpt, inputs["new_tokens"], inputs["token_texts"])
+        out = export_checkpoint(cfg, ckpt, inputs["new_tokens"], inputs["token_texts"],
+                                prompt_format=inputs["prompt_format"])
     return {"model_dir": out, "metrics": result.metrics, "checkpoint": result.checkpoint.path}

@@ -16,7 +16,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from data_pipeline.samples.prompt_format import pad_token_id
 from trainers.packing import Packer, TokenizedSample, tokenize_sample
+from trainers.best_checkpoint import BestCheckpoint
 
 log = logging.getLogger("recllm.train")
 
@@ -30,9 +32,10 @@ def tokenizing_transform(tokenizer, tasks: list[str], seq_len: int, entity_index
 
     def transform(table: pa.Table) -> pa.Table:
         ids, prompt_lens, entities = [], [], []
-        for prompt, response in zip(table.column("prompt").to_pylist(), table.column("response").to_pylist()):
+        for task, prompt, response in zip(table.column("task").to_pylist(), table.column("prompt").to_pylist(),
+                                          table.column("response").to_pylist()):
             if entity_index is None:
-                tokens, n_prompt = tokenize_sample(tokenizer, prompt, response, seq_len)
+                tokens, n_prompt = tokenize_sample(tokenizer, prompt, response, seq_len, task)
             else:
                 from trainers.recipes.visibility import tokenize_with_entities
 
@@ -125,6 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
     from trainers.metrics_logger import MetricsLogger
     from trainers.models import build_model
     from trainers.recipes.objectives import build_objective
+    from trainers.recipes.registry import ObjectiveContext
 
     cfg = config["cfg"]
     tcfg = cfg.train
@@ -162,21 +166,26 @@ def train_loop_per_worker(config: dict) -> None:
     engine, optimizer, scheduler = dse.wrap_model(model, tcfg, ds_config)
 
     tasks = config["tasks"]
-    objective = build_objective(tcfg, tasks, tokenizer, new_tokens, str(run_dir), cfg.seed, rank,
-                                getattr(model.config, "_attn_implementation", "sdpa"))
+    objective = build_objective(ObjectiveContext(tcfg, tasks, tokenizer, new_tokens, str(run_dir), cfg.seed, rank,
+                                                 getattr(model.config, "_attn_implementation", "sdpa")))
     entity_index = objective.data.entities if objective.uses_entities else None
     stream = ShardedParquetStream(str(run_dir / "samples" / "train"), rank, world, batch_size=64, seed=cfg.seed,
                                   columns=SAMPLE_COLUMNS,
                                   transform=tokenizing_transform(tokenizer, tasks, tcfg.seq_len, entity_index))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    feed = SampleFeed(stream, Packer(tcfg.seq_len, tcfg.micro_batch_size, pad_id, tcfg.packing_lookahead,
-                                     tcfg.packing))
+    feed = SampleFeed(stream, Packer(tcfg.seq_len, tcfg.micro_batch_size, pad_token_id(tokenizer),
+                                     tcfg.packing_lookahead, tcfg.packing))
     if ckpt_dir:
         dse.load_optimizer(engine, scheduler, ckpt_dir / "optimizer" / f"rank-{rank}")
         feed.load_state_dict(json.loads((ckpt_dir / "loader" / f"rank-{rank}.json").read_text()))
         ckpt_dir_ctx.__exit__(None, None, None)
 
     metrics_log = MetricsLogger(run_dir / "train" / "logs", enabled=rank == 0)
+    validation = None
+    if tcfg.eval_every:
+        from trainers.validation import ValidationRound
+
+        validation = ValidationRound(cfg, str(run_dir), tokenizer, config["prompt_format"], rank, world, device)
+    best = BestCheckpoint(run_dir / "train" / "best", tcfg.patience, trainer_state.get("best"))
     seen_log = None
     if tcfg.record_samples:
         (run_dir / "train" / "samples_seen").mkdir(parents=True, exist_ok=True)
@@ -193,7 +202,7 @@ def train_loop_per_worker(config: dict) -> None:
     extras_window: dict[str, float] = {}
     step = trainer_state["step"]
     engine.train()
-    while step < tcfg.max_steps:
+    while step < tcfg.max_steps and not best.stopped:
         _fault_injection(step, rank, config.get("fault", {}))
         t0 = time.perf_counter()
         step_ids: list[int] = []
@@ -217,8 +226,18 @@ def train_loop_per_worker(config: dict) -> None:
             seen_log.flush()
         if progress:
             progress.update(1)
-        is_log = step % tcfg.log_every == 0 or step == tcfg.max_steps
-        is_ckpt = (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or step == tcfg.max_steps
+        valid_metrics = {}
+        if validation and (step % tcfg.eval_every == 0 or step == tcfg.max_steps):
+            with dse.full_parameters(engine):
+                valid_metrics = validation.score(engine)
+            if best.offer(step, valid_metrics):  # every rank has the same all-reduced score: same decision
+                best.save(dse.gathered_state(engine, trainable_only=lora), rank, lora)
+            if rank == 0:
+                log.info("step %d: %s (best %s at step %s)", step, _fmt(valid_metrics), _fmt(best.metrics),
+                         best.step)
+        is_last = step == tcfg.max_steps or best.stopped
+        is_log = step % tcfg.log_every == 0 or is_last or bool(valid_metrics)
+        is_ckpt = (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or is_last
         if not (is_log or is_ckpt):
             continue
         tokens_per_s = window["tokens"] * world / max(window["time"], 1e-9)
@@ -229,6 +248,7 @@ def train_loop_per_worker(config: dict) -> None:
             if task_window[i, 1]:
                 metrics[f"loss/{task}"] = task_window[i, 0] / task_window[i, 1]
         metrics.update({f"objective/{k}": v / window["steps"] for k, v in extras_window.items()})
+        metrics.update(valid_metrics)
         extras_window.clear()
         if peak:
             metrics["mfu"] = tokens_per_s * flops_token / (peak * world)
@@ -236,7 +256,7 @@ def train_loop_per_worker(config: dict) -> None:
         window = {k: 0.0 if k != "steps" else 0 for k in window}
         task_window[:] = 0
         if is_ckpt:
-            _report_with_checkpoint(engine, scheduler, feed, step, rank, lora, tokenizer, metrics, dse)
+            _report_with_checkpoint(engine, scheduler, feed, step, rank, lora, tokenizer, metrics, dse, best)
         else:
             ray.train.report(metrics)
     if progress:
@@ -249,7 +269,11 @@ def train_loop_per_worker(config: dict) -> None:
         seen_log.close()
 
 
-def _report_with_checkpoint(engine, scheduler, feed, step, rank, lora, tokenizer, metrics, dse) -> None:
+def _fmt(metrics: dict) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def _report_with_checkpoint(engine, scheduler, feed, step, rank, lora, tokenizer, metrics, dse, best) -> None:
     import ray.train
 
     weights = dse.gathered_state(engine, trainable_only=lora)  # collective under ZeRO-3: every rank calls it
@@ -261,5 +285,5 @@ def _report_with_checkpoint(engine, scheduler, feed, step, rank, lora, tokenizer
         if rank == 0:
             dse.save_weights(weights, tmp / "model" / "weights.safetensors")
             tokenizer.save_pretrained(tmp / "model" / "tokenizer")
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "lora": lora}))
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "lora": lora, "best": best.state()}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from launcher.config_schema import choice, positive
-from trainers.recipes.config import OBJECTIVES, CLLM4RecConfig, ControlRecConfig
+from trainers.recipes.registry import registered_objectives
+from trainers.recipes.config import CLLM4RecConfig, ControlRecConfig
 
 FINETUNE = ("lora", "full")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -72,10 +73,18 @@ class TrainConfig:
     """Continue a stopped run from its latest checkpoint."""
     peak_tflops: float = 0.0
     """Peak dense bf16 TFLOP/s of one GPU for MFU; 0 detects H100/H200/A100."""
+    eval_every: int = 0
+    """Steps between validation rounds: HR@10/NDCG@10 on valid users with the inference scorer (0: none)."""
+    eval_users: int = 2000
+    """Valid users each round scores: a fixed seeded sample (0: all of them)."""
+    patience: int = 0
+    """Stop after this many validation rounds without a better valid NDCG@10 (0: run max_steps)."""
+    select_best: bool = True
+    """Export the weights of the best validation round (run_dir/train/best) instead of the last step's."""
     record_samples: bool = True
     """Log the sample_ids each worker trains on per step (samples_seen/), for audits of resumes."""
     objective: str = "sft"
-    """sft (packed next-token loss) | controlrec (+ HFM, instruction contrast, visibility) | cllm4rec (+ restricted softmaxes, mutual regularization)."""
+    """A registered objective: sft (packed next-token loss) | sequence (every item of user_sequence samples, softmax over the target's ID group) | controlrec (+ HFM, instruction contrast, visibility) | cllm4rec (+ restricted softmaxes, mutual regularization)."""
     controlrec: ControlRecConfig = field(default_factory=ControlRecConfig)
     """ControlRec's components and weights (objective controlrec)."""
     cllm4rec: CLLM4RecConfig = field(default_factory=CLLM4RecConfig)
@@ -83,12 +92,12 @@ class TrainConfig:
 
     def check(self) -> list[str]:
         problems = (choice("finetune", self.finetune, FINETUNE) + choice("lr_schedule", self.lr_schedule, SCHEDULES)
-                    + choice("objective", self.objective, OBJECTIVES))
+                    + choice("objective", self.objective, registered_objectives()))
         for name in ("num_workers", "micro_batch_size", "gradient_accumulation_steps", "seq_len", "max_steps",
                      "log_every", "packing_lookahead", "lora_r", "lora_alpha", "cpus_per_worker",
                      "gpus_per_node", "gpu_memory_gb", "keep_checkpoints"):
             problems += positive(name, getattr(self, name))
-        for name in ("checkpoint_every", "warmup_steps", "max_failures", "weight_decay", "lora_dropout",
+        for name in ("checkpoint_every", "eval_every", "eval_users", "patience", "warmup_steps", "max_failures", "weight_decay", "lora_dropout",
                      "peak_tflops"):
             problems += positive(name, getattr(self, name), allow_zero=True)
         if not self.deepspeed_config.endswith(".json"):

@@ -26,7 +26,8 @@ from data_pipeline.samples.item_rendering import clean_text, item_names, read_it
 from data_pipeline.samples.prompt_templates import templates_in_use
 from data_pipeline.samples.tasks import (ItemText, SequenceRows, TaskSamples, collaborative_lm_samples,
                                          content_lm_samples, negative_samples, query_alignment_samples,
-                                         sequential_samples, text_alignment_samples, user_documents)
+                                         sequential_samples, text_alignment_samples, user_documents,
+                                         user_sequence_samples)
 from data_pipeline.sharding import user_shard
 
 log = logging.getLogger("recllm.samples")
@@ -35,7 +36,7 @@ SCHEMA_VERSION = 1
 SAMPLE_SCHEMA = pa.schema([("sample_id", pa.int64()), ("task", pa.string()), ("prompt", pa.string()),
                            ("response", pa.string()), ("user_id", pa.int64()), ("item_id", pa.int64())])
 TASK_CODES = {"sequential": 1, "text_alignment": 2, "query_alignment": 3, "negative": 4, "collaborative_lm": 5,
-              "content_lm": 6}
+              "content_lm": 6, "user_sequence": 7}
 VALID_CODE = 15
 ID_BITS = 40
 """sample_id = task code << 40 | index of the sample in its task's generation order: unique across tasks and
@@ -158,6 +159,8 @@ def build_samples(cfg: SamplesConfig, run_dir: str, seed: int, scheme: str | Non
         elif task == "collaborative_lm":
             tasks[task] = collaborative_lm_samples(train, names, users, templates["item_document"], rng,
                                                    cfg.max_history_in_prompt)
+        elif task == "user_sequence":
+            tasks[task] = user_sequence_samples(train, names, cfg.max_sequence_items)
         elif task == "content_lm":
             tokens_uri = storage.join(ids_dir, "tokens.json")
             tokens = json.loads(storage.read_text(tokens_uri)) if storage.exists(tokens_uri) else []

@@ -8,14 +8,15 @@ from dataclasses import dataclass, field
 
 from launcher.config_schema import positive
 
-TASKS = ("sequential", "text_alignment", "query_alignment", "negative", "collaborative_lm", "content_lm")
+TASKS = ("sequential", "text_alignment", "query_alignment", "negative", "collaborative_lm", "content_lm",
+         "user_sequence")
 DEFAULT_TASKS = ("sequential", "text_alignment", "query_alignment", "negative")
 
 
 @dataclass
 class SamplesConfig:
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
-    """Tasks to build: sequential | text_alignment | query_alignment | negative | collaborative_lm | content_lm (CLLM4Rec; text tasks skip items without text)."""
+    """Tasks to build: sequential | text_alignment | query_alignment | negative | collaborative_lm | content_lm (CLLM4Rec; text tasks skip items without text) | user_sequence (a user's whole train sequence as item IDs, no template: the sequence-level objective)."""
     negative_ratio: int = 3
     """negative: items the user never interacted with, named as 'not interested', per positive (next) item."""
     max_history_in_prompt: int = 20
@@ -30,6 +31,8 @@ class SamplesConfig:
     """Rows per Parquet row group: the unit the streaming reader schedules."""
     max_samples_per_task: int | None = None
     """Keep at most this many samples per task and in valid/ (a seeded random subset, for quick runs); empty keeps all."""
+    max_sequence_items: int = 50
+    """user_sequence: most recent train items of a user in their sequence sample (inference reads as many)."""
     max_description_words: int = 64
     """text_alignment: words of an item's description put in a prompt (the rest is cut and marked '...')."""
     query_phrase_words: int = 8
@@ -46,7 +49,7 @@ class SamplesConfig:
             problems.append(f"tasks: empty; name at least one of {list(TASKS)}")
         if len(set(self.tasks)) != len(self.tasks):
             problems.append(f"tasks: {self.tasks} names a task twice")
-        for name in ("negative_ratio", "max_history_in_prompt", "num_shards", "row_group_size",
+        for name in ("negative_ratio", "max_history_in_prompt", "max_sequence_items", "num_shards", "row_group_size",
                      "max_description_words", "query_phrase_words"):
             problems += positive(name, getattr(self, name))
         for name in ("templates_per_task", "max_samples_per_task"):
@@ -55,7 +58,9 @@ class SamplesConfig:
         if self.templates_per_task is not None and self.templates_per_task > 0:
             from data_pipeline.samples.prompt_templates import load_templates
 
-            for task in [t for t in self.tasks if t in TASKS]:
+            from data_pipeline.samples.prompt_templates import TEMPLATE_FREE_TASKS
+
+            for task in [t for t in self.tasks if t in TASKS and t not in TEMPLATE_FREE_TASKS]:
                 for variant, templates in load_templates(task).items():
                     if len(templates) < self.templates_per_task:
                         problems.append(f"templates_per_task: {self.templates_per_task} but {task}/{variant} "

@@ -82,8 +82,14 @@ def load_templates(task: str) -> dict[str, list[PromptTemplate]]:
     return out
 
 
+TEMPLATE_FREE_TASKS = ("user_sequence",)
+"""Tasks whose samples have no template (the sequence-level task writes item IDs only)."""
+
+
 def templates_in_use(task: str, per_variant: int | None) -> dict[str, list[PromptTemplate]]:
-    """The first ``per_variant`` templates of each variant (all when None)."""
+    """The first ``per_variant`` templates of each variant (all when None); none for a template-free task."""
+    if task in TEMPLATE_FREE_TASKS:
+        return {}
     return {v: ts[:per_variant] if per_variant else ts for v, ts in load_templates(task).items()}
 
 

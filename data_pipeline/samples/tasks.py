@@ -181,12 +181,30 @@ def collaborative_lm_samples(rows: SequenceRows, item_names: list[str], user_nam
     ``max_items``) written as item tokens with no separator, so the main text is item tokens only."""
     out = TaskSamples()
     docs = user_documents(rows)
-    joiner = "" if all(n.startswith("<") and n.endswith(">") for n in item_names[:100]) else ITEM_SEPARATOR
+    joiner = item_joiner(item_names)
     for user, items in _bar(sorted(docs.items()), "samples: collaborative_lm", len(docs)):
         items = items[-max_items:]
         pick = int(rng.integers(len(templates)))
         out.add(*templates[pick].render(user=user_names[user], items=joiner.join(item_names[i] for i in items)),
                 user, items[-1])
+    return out
+
+
+def item_joiner(item_names: list[str]) -> str:
+    """How a run of items is written when the text is items only: token names (<item_3>, <a_1><b_7>) run
+    together, so every token of the text is an item token; names the tokenizer splits keep a separator."""
+    return "" if all(n.startswith("<") and n.endswith(">") for n in item_names[:100]) else ITEM_SEPARATOR
+
+
+def user_sequence_samples(rows: SequenceRows, item_names: list[str], max_items: int) -> TaskSamples:
+    """The sequence-level task: per user, their last ``max_items`` train items as the whole response with an
+    empty prompt, so the loss covers every item of the sequence, teacher-forced, as SASRec is trained."""
+    out = TaskSamples()
+    docs = user_documents(rows)
+    joiner = item_joiner(item_names)
+    for user, items in _bar(sorted(docs.items()), "samples: user_sequence", len(docs)):
+        items = items[-max_items:]
+        out.add("", joiner.join(item_names[i] for i in items), user, items[-1])
     return out
 
 

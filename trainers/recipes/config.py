@@ -9,8 +9,6 @@ from dataclasses import dataclass
 
 from launcher.config_schema import positive
 
-OBJECTIVES = ("sft", "controlrec", "cllm4rec")
-
 
 @dataclass
 class ControlRecConfig:

@@ -1,31 +1,34 @@
-"""The loss the shared trainer optimises, per recipe: plain alignment SFT (packed next-token loss), ControlRec
-(+ heterogeneous feature matching, instruction contrast, visibility matrix) and CLLM4Rec (item-token and
-vocabulary-only softmaxes, mutual regularization of collaborative and content token rows).
+"""The losses the shared trainer optimises, one registered class per recipe: plain alignment SFT (packed
+next-token loss), sequence-level ID training (every item of a user's sequence, softmax restricted to the
+target's ID group), ControlRec (+ heterogeneous feature matching, instruction contrast, visibility matrix) and
+CLLM4Rec (item-token and vocabulary-only softmaxes, mutual regularization of collaborative/content rows).
 
-``build_objective`` picks one from ``train.objective``; ``ray_worker`` calls ``objective.loss(model, batch,
-step)`` once per micro-step. Pure torch: the model may be a DeepSpeed engine, but nothing here knows it.
+``build_objective`` builds the one ``train.objective`` names (see ``registry``); ``ray_worker`` calls
+``objective.loss(model, batch, step, device)`` once per micro-step. Pure torch: the model may be a DeepSpeed
+engine, but nothing here knows it.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from data_pipeline.item_ids.atomic_ids import CONTENT_PREFIX, content_twin
 from data_pipeline.item_ids.item_codes import ITEM_CODES_FILE
 from trainers.recipes.contrastive_losses import hfm_loss, icl_loss, icl_weight, mean_pool
 from trainers.recipes.controlrec_data import ControlRecData
-from trainers.recipes.restricted_softmax import labelled_positions, mutual_regularization, restricted_token_loss
+from trainers.recipes.registry import ObjectiveContext, objective_class, register_objective
+from trainers.recipes.restricted_softmax import (grouped_token_loss, labelled_positions, mutual_regularization,
+                                                 restricted_token_loss, token_groups)
 from trainers.recipes.visibility import visibility_mask
 from trainers.sft_objective import packed_lm_loss
 
 log = logging.getLogger("recllm.train")
 
 
+@register_objective("sft")
 class SFTObjective:
     """Next-token cross-entropy on the response tokens of packed rows."""
 
@@ -33,6 +36,15 @@ class SFTObjective:
 
     def __init__(self, num_tasks: int):
         self.num_tasks = num_tasks
+
+    @classmethod
+    def build(cls, ctx: ObjectiveContext):
+        return cls(len(ctx.tasks))
+
+    @staticmethod
+    def check(root) -> list[str]:
+        """Rules across config sections this objective needs (``recllm plan`` runs them before Ray starts)."""
+        return []
 
     def lm_forward(self, model, batch, device):
         return model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
@@ -44,6 +56,58 @@ class SFTObjective:
         return loss, per_task, {}
 
 
+def _head_at_labels(model, batch, device):
+    """(logits [N, V] at the N positions that predict a label, their targets, their tasks). The head runs only
+    where a label is predicted: with a token per item the vocabulary is large, and logits for every packed
+    position would cost more than the rest of the model."""
+    out = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False,
+                output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1]
+    index, target, tasks = labelled_positions(batch.labels.to(device), batch.task_ids.to(device))
+    net = model.module if hasattr(model, "module") else model
+    return net.get_output_embeddings()(hidden[:, :-1, :].reshape(-1, hidden.shape[-1])[index]), target, tasks
+
+
+@register_objective("sequence")
+class SequenceObjective(SFTObjective):
+    """Sequence-level ID training: every item of the ``user_sequence`` samples is a target, teacher-forced, and
+    each is scored by a softmax over its ID group only (atomic IDs: all item tokens, CLLM4Rec's multinomial head;
+    semantic IDs: that code level's tokens, what the constrained decoder reads; sub-token IDs: the whole
+    vocabulary). Labels outside every group there (the closing EOS) are not scored. Other tasks, when on, keep
+    the full-vocabulary next-token loss, so the alignment tasks compose with it."""
+
+    def __init__(self, num_tasks: int, sequence_task: int | None, group_of: torch.Tensor, groups: list[torch.Tensor]):
+        super().__init__(num_tasks)
+        self.sequence_task, self.group_of, self.groups = sequence_task, group_of, groups
+
+    @classmethod
+    def build(cls, ctx: ObjectiveContext):
+        from data_pipeline import storage
+        from data_pipeline.item_ids.item_codes import read_item_codes
+
+        codes = read_item_codes(storage.join(ctx.run_dir, "item_ids"))
+        token_seqs = ([] if "text" in codes.column_names and codes.column("text").null_count == 0
+                      else codes.column("tokens").to_pylist())
+        group_of, groups = token_groups(ctx.tokenizer, token_seqs, len(ctx.tokenizer))
+        task = ctx.tasks.index("user_sequence") if "user_sequence" in ctx.tasks else None
+        log.info("sequence objective: %d ID groups of sizes %s", len(groups), [len(g) for g in groups])
+        return cls(len(ctx.tasks), task, group_of, groups)
+
+    @staticmethod
+    def check(root) -> list[str]:
+        if "user_sequence" not in root.samples.tasks:
+            return [f"train.objective: 'sequence' trains on the user_sequence task; samples.tasks is "
+                    f"{root.samples.tasks}"]
+        return []
+
+    def loss(self, model, batch, step: int, device):
+        pred, target, tasks = _head_at_labels(model, batch, device)
+        loss, per_task = grouped_token_loss(pred, target, tasks, self.num_tasks, self.sequence_task, self.group_of,
+                                            self.groups)
+        return loss, per_task, {}
+
+
+@register_objective("controlrec")
 class ControlRecObjective(SFTObjective):
     """SFT + w * HFM + lambda_t * ICL; with the visibility matrix as the packed rows' attention mask."""
 
@@ -63,6 +127,24 @@ class ControlRecObjective(SFTObjective):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # Aux texts recur (the catalogue's descriptions, the instruction bank): tokenise each one once.
         self._token_cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def build(cls, ctx: ObjectiveContext):
+        data = ControlRecData.load(ctx.run_dir, ctx.train.controlrec, max_history=20)
+        return cls(len(ctx.tasks), ctx.train.controlrec, data, ctx.tokenizer, ctx.train.max_steps, ctx.seed,
+                   ctx.rank, ctx.attn_implementation)
+
+    @staticmethod
+    def check(root) -> list[str]:
+        problems = []
+        c = root.train.controlrec
+        if c.visibility and root.model.attn_implementation not in ("sdpa", "eager"):
+            problems.append(f"train.controlrec.visibility: needs model.attn_implementation sdpa or eager (an additive "
+                            f"mask), got {root.model.attn_implementation!r}; or set train.controlrec.visibility=false")
+        if c.visibility and root.ids.scheme not in ("subtoken", "atomic"):
+            problems.append(f"train.controlrec.visibility: needs items named by their IDs (ids.scheme subtoken or "
+                            f"atomic), got {root.ids.scheme!r}")
+        return problems
 
     def _tokens(self, text: str, max_tokens: int) -> list[int]:
         ids = self._token_cache.get(text)
@@ -125,6 +207,7 @@ class ControlRecObjective(SFTObjective):
         return loss, per_task, extras
 
 
+@register_objective("cllm4rec")
 class CLLM4RecObjective(SFTObjective):
     """Restricted-softmax LM loss per task + mutual regularization of <item_N>/<text_item_N> rows."""
 
@@ -155,16 +238,24 @@ class CLLM4RecObjective(SFTObjective):
         log.info("cllm4rec: restricted softmax on tasks %s; %d collaborative/content token pairs",
                  [tasks[t] for t in self.restrictions], len(pairs))
 
+    @classmethod
+    def build(cls, ctx: ObjectiveContext):
+        from data_pipeline import storage
+
+        uri = storage.join(ctx.run_dir, "item_ids", ITEM_CODES_FILE)
+        codes = storage.read_parquet(uri, columns=["tokens"]).column("tokens").to_pylist()
+        return cls(len(ctx.tasks), ctx.train.cllm4rec, ctx.tasks, ctx.tokenizer, ctx.new_tokens, [c[0] for c in codes])
+
+    @staticmethod
+    def check(root) -> list[str]:
+        if root.ids.scheme != "atomic":
+            return [f"train.objective: 'cllm4rec' needs one token per item (ids.scheme=atomic), got {root.ids.scheme!r}"]
+        return []
+
     def loss(self, model, batch, step: int, device):
-        # The head runs only where a label is predicted: with one row per user and item the vocabulary is
-        # large, and logits for every packed position would cost more than the rest of the model.
         input_ids = batch.input_ids.to(device)
-        out = model(input_ids=input_ids, position_ids=batch.position_ids.to(device), use_cache=False,
-                    output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[-1]
-        index, target, tasks = labelled_positions(batch.labels.to(device), batch.task_ids.to(device))
+        pred, target, tasks = _head_at_labels(model, batch, device)
         net = model.module if hasattr(model, "module") else model
-        pred = net.get_output_embeddings()(hidden[:, :-1, :].reshape(-1, hidden.shape[-1])[index])
         loss, per_task = restricted_token_loss(pred, target, tasks, self.num_tasks, self.restrictions)
         extras: dict[str, float] = {}
         if self.has_twins and self.cfg.mutual_regularization > 0:
@@ -175,16 +266,6 @@ class CLLM4RecObjective(SFTObjective):
         return loss, per_task, extras
 
 
-def build_objective(tcfg, tasks: list[str], tokenizer, new_tokens: list[str], run_dir: str, seed: int, rank: int,
-                    attn_implementation: str):
-    """The objective ``train.objective`` names, with the side data it reads from run_dir."""
-    if tcfg.objective == "controlrec":
-        data = ControlRecData.load(run_dir, tcfg.controlrec, max_history=20)
-        return ControlRecObjective(len(tasks), tcfg.controlrec, data, tokenizer, tcfg.max_steps, seed, rank,
-                                   attn_implementation)
-    if tcfg.objective == "cllm4rec":
-        codes = pq.read_table(Path(run_dir) / "item_ids" / ITEM_CODES_FILE, columns=["tokens"]).column("tokens").to_pylist()
-        if any(len(c) != 1 for c in codes):
-            raise ValueError("train.objective=cllm4rec needs one token per item (ids.scheme=atomic)")
-        return CLLM4RecObjective(len(tasks), tcfg.cllm4rec, tasks, tokenizer, new_tokens, [c[0] for c in codes])
-    return SFTObjective(len(tasks))
+def build_objective(ctx: ObjectiveContext):
+    """The objective ``train.objective`` names, built with the side data it reads from run_dir."""
+    return objective_class(ctx.train.objective).build(ctx)

@@ -93,3 +93,44 @@ def mutual_regularization(embedding: torch.nn.Module, input_ids: torch.Tensor, p
     rows = embedding(torch.cat([collab, partner[collab]]).unsqueeze(0)).squeeze(0).float()
     c, t = rows[:len(collab)], rows[len(collab):]
     return 0.5 * weight * (c - t).pow(2).sum(-1).mean()
+
+
+def token_groups(tokenizer, token_seqs: list[list[str]], vocab_size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The ID groups of a vocabulary: group j holds the tokens at position j of the items' codes (semantic IDs:
+    one group per code level; atomic IDs: one group, every item token). Returns ([vocab_size] token -> group,
+    -1 for tokens of no group; the sorted token ids of each group). Sub-token IDs (no ``token_seqs``): no group."""
+    group_of = torch.full((vocab_size,), -1, dtype=torch.long)
+    members: list[set[int]] = []
+    for tokens in token_seqs:
+        for level, tid in enumerate(tokenizer.convert_tokens_to_ids(list(tokens))):
+            if group_of[tid] >= 0:
+                continue  # a token shared by two levels stays in the first (the schemes here never share)
+            while len(members) <= level:
+                members.append(set())
+            members[level].add(tid)
+            group_of[tid] = level
+    groups = [torch.tensor(sorted(m), dtype=torch.long) for m in members]
+    return group_of, groups
+
+
+def grouped_token_loss(pred: torch.Tensor, target: torch.Tensor, tasks: torch.Tensor, num_tasks: int,
+                       sequence_task: int | None, group_of: torch.Tensor,
+                       groups: list[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
+    """The sequence-level loss on logits gathered at labelled positions (pred [N, V], target [N]): a label of
+    ``sequence_task`` is scored by a softmax over its own group's tokens, and not scored when it is in no group
+    (unless there are no groups at all); every other label by the full vocabulary. Returns (mean over scored
+    labels, [num_tasks, 2] per-task loss sums and counts)."""
+    restrictions: dict[int, torch.Tensor] = {}
+    if sequence_task is not None and groups:
+        in_sequence = tasks == sequence_task
+        target_group = group_of.to(target.device)[target]
+        # One pseudo-task per group: restricted_token_loss then scores each with that group's softmax.
+        tasks = torch.where(in_sequence, num_tasks + target_group.clamp(min=0), tasks)
+        tasks = torch.where(in_sequence & (target_group < 0), num_tasks + len(groups), tasks)
+        restrictions = {num_tasks + g: ids for g, ids in enumerate(groups)}
+        restrictions[num_tasks + len(groups)] = torch.empty(0, dtype=torch.long)  # labels in no group: dropped
+    loss, per_task = restricted_token_loss(pred, target, tasks, num_tasks + len(groups) + 1, restrictions)
+    out = per_task[:num_tasks].copy()
+    if sequence_task is not None:
+        out[sequence_task] += per_task[num_tasks:].sum(0)
+    return loss, out

@@ -1,0 +1,91 @@
+"""The prompt format: how a sample's text becomes the token ids the model sees. Training tokenises with it,
+export saves it next to the model (``prompt_format.json``, as litgpt saves ``prompt_style.yaml``), and
+inference loads it, so a user's prompt is framed exactly as the model was trained: BOS, the instruction frame
+(or none, for the sequence-level task), the cut of long prompts and the padding id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from data_pipeline import storage
+
+PROMPT_FORMAT_FILE = "prompt_format.json"
+STYLES = ("instruction", "sequence")
+SEQUENCE_TASKS = ("user_sequence",)
+"""Tasks whose samples are item sequences with no frame; every other task is framed as an instruction."""
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id padding uses: the tokenizer's pad token, else its EOS (LLaMA tokenizers have no pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def fit_sample(head: list[int], prompt: list, response: list, eos, seq_len: int) -> tuple[list, int]:
+    """head + prompt + response + EOS cut to ``seq_len``: the response keeps its start, the prompt loses its
+    start. Works on any per-token lists (ids, or the entity keys that ride along with them)."""
+    response = (response + [eos])[: seq_len - len(head) - 1]
+    room = seq_len - len(head) - len(response)
+    prompt = prompt[-room:] if room > 0 else []
+    return head + prompt + response, len(head) + len(prompt)
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    style: str = "instruction"
+    """instruction: BOS + prompt + '\\nAnswer: ' before the answer | sequence: BOS + the user's items, no frame."""
+    max_history: int = 20
+    """History items an inference prompt names (the most recent ones), as the training samples did."""
+    item_separator: str = ""
+    """How the sequence style joins item names ('' for token names such as <item_3> or <a_1><b_2>)."""
+
+    def frame(self, prompt: str) -> str:
+        return f"{prompt}\nAnswer: " if self.style == "instruction" else prompt
+
+    def head(self, tokenizer) -> list[int]:
+        return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+    def sample_ids(self, tokenizer, prompt: str, response: str, seq_len: int) -> tuple[list[int], int]:
+        """(input_ids, prompt_len) of one training sample: head + framed prompt + response + EOS.
+
+        Too long: an instruction keeps its response and loses the prompt's start; a sequence keeps its most
+        recent items (the response loses its start)."""
+        head = self.head(tokenizer)
+        framed = self.frame(prompt)
+        prompt_ids = tokenizer(framed, add_special_tokens=False)["input_ids"] if framed else []
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        if self.style == "sequence":
+            response_ids = response_ids[-max(seq_len - len(head) - len(prompt_ids) - 2, 1):]  # fit_sample keeps 1 free
+        return fit_sample(head, prompt_ids, response_ids, tokenizer.eos_token_id, seq_len)
+
+    def prompt_ids(self, tokenizer, prompts: list[str], max_prompt_tokens: int | None = None) -> list[list[int]]:
+        """Token ids of inference prompts as training saw them: head + framed prompt, cut from the left to
+        ``max_prompt_tokens`` (head kept)."""
+        head = self.head(tokenizer)
+        framed = [self.frame(p) for p in prompts]
+        ids = tokenizer(framed, add_special_tokens=False)["input_ids"] if any(framed) else [[] for _ in framed]
+        if max_prompt_tokens is not None:
+            room = max_prompt_tokens - len(head)
+            ids = [row[-room:] if room > 0 else [] for row in ids]
+        return [head + list(row) for row in ids]
+
+    def to_json(self) -> str:
+        """What export writes to ``PROMPT_FORMAT_FILE`` beside the weights."""
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def load(cls, folder: str) -> "PromptFormat":
+        """The format saved with a model; a model saved before formats were saved was trained on instructions."""
+        uri = storage.join(folder, PROMPT_FORMAT_FILE)
+        if not storage.exists(uri):
+            return cls()
+        fields = json.loads(storage.read_text(uri))
+        if fields.get("style") not in STYLES:
+            raise ValueError(f"{uri}: style {fields.get('style')!r}; expected one of {list(STYLES)}")
+        return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls) if f.name in fields})
+
+
+def format_for_task(task: str) -> PromptFormat:
+    return PromptFormat("sequence" if task in SEQUENCE_TASKS else "instruction")
