@@ -114,8 +114,9 @@ def run_infer(cfg) -> dict:
     results: list[dict] = []
     t0 = time.perf_counter()
     if todo:
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+        from data_pipeline.ray_session import connect_ray
+
+        connect_ray()
         ctx = ray.data.DataContext.get_current()
         ctx.op_resource_reservation_enabled = False
         items = [{"shard": t.shard, "lo": t.lo, "hi": t.hi, "fingerprint": t.fingerprint} for t in todo]

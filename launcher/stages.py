@@ -66,7 +66,9 @@ def _new_token_count(cfg) -> tuple[int, str]:
         manifest = storage.join(cfg.run_dir, "dataset", "manifest.json")
         if readable(manifest):
             c = json.loads(storage.read_text(manifest))["counts"]
-            return c["items"] + c["users"], "one per item and user"
+            if cfg.ids.user_tokens:
+                return c["items"] + c["users"], "one per item and user"
+            return c["items"], "one per item"
         return 0, "atomic: unknown until `recllm prepare` (0 assumed)"
     return 0, "subtoken: no new tokens"
 

@@ -59,3 +59,55 @@ def test_cllm4rec_recipe_trains_and_scores_with_the_multinomial_head(tmp_path, r
     assert len(topk) == 8317 and all(len(r["item_ids"]) == 20 for r in topk)
     report = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert report["infer"]["scorer"] == "multinomial" and report["models"]["recllm"]["invalid_item_rate"] == 0.0
+
+
+class MeanSquaredLogitObjective:
+    """A toy objective registered from this test file only: it pulls every logit of the labelled positions
+    towards zero. Nothing in the project names it."""
+
+    uses_entities = False
+
+    def __init__(self, num_tasks: int):
+        self.num_tasks = num_tasks
+
+    @classmethod
+    def build(cls, ctx):
+        return cls(len(ctx.tasks))
+
+    @staticmethod
+    def check(root):
+        return []
+
+    def loss(self, model, batch, step, device):
+        import numpy as np
+        import torch
+
+        out = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False)
+        mask = (batch.labels.to(device) != -100).unsqueeze(-1)
+        loss = (out.logits.float() ** 2 * mask).sum() / mask.sum().clamp(min=1) / out.logits.shape[-1]
+        return loss, np.zeros((self.num_tasks, 2)), {"toy": loss.item()}
+
+
+def test_an_objective_registered_in_a_test_file_trains_through_ray_and_deepspeed(tmp_path, ray_local):
+    import sys
+
+    from ray import cloudpickle
+
+    from trainers.recipes.registry import OBJECTIVES, register_objective
+
+    # This test module is not importable on the workers: ship the class by value, as a user's notebook would.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    register_objective("toy_mean_squared_logit")(MeanSquaredLogitObjective)
+    try:
+        run_dir = tmp_path / "run"
+        args = [str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}", "samples.max_samples_per_task=200",
+                "train.objective=toy_mean_squared_logit", "train.max_steps=5", "train.log_every=1",
+                "train.checkpoint_every=5", "train.eval_every=0", "train.learning_rate=1e-3", "train.warmup_steps=0"]
+        for stage in ("prepare", "build-ids", "build-samples", "train"):
+            assert main([stage, *args]) == 0
+    finally:
+        OBJECTIVES.pop("toy_mean_squared_logit")
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    logs = [json.loads(line) for line in (run_dir / "train" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4, 5]
+    assert logs[-1]["objective/toy"] < logs[0]["objective/toy"]  # the toy loss is what was optimised

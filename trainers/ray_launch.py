@@ -10,6 +10,7 @@ import logging
 import os
 from pathlib import Path
 
+from data_pipeline.ray_session import connect_ray
 from data_pipeline.samples.prompt_format import PromptFormat
 
 log = logging.getLogger("recllm.train")
@@ -58,6 +59,7 @@ def run_training(cfg) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainers.export_model import export_checkpoint
+    from trainers.recipes.registry import objective_class
     from trainers.ray_worker import train_loop_per_worker
 
     t = cfg.train
@@ -71,9 +73,7 @@ def run_training(cfg) -> dict:
             env[key] = os.environ[key]
     if not t.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env},
-                 include_dashboard=False, log_to_driver=True)
+    connect_ray(env)
     storage_dir = run_dir / "train" / "ray"
     if not t.resume:  # a fresh run must not export an earlier run's best round
         import shutil
@@ -93,7 +93,10 @@ def run_training(cfg) -> dict:
         deepspeed_config = str(Path(t.deepspeed_config).resolve())
     trainer = TorchTrainer(
         train_loop_per_worker,
+        # The class itself travels to the workers, so an objective registered outside the project (a user's
+        # module, a test) trains without an edit here.
         train_loop_config={"cfg": cfg, "deepspeed_config": deepspeed_config, **inputs,
+                           "objective_cls": objective_class(t.objective),
                            "fault": {k: v for k, v in os.environ.items() if k.startswith("RECLLM_FAULT_")}},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),

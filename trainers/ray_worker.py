@@ -127,7 +127,6 @@ def train_loop_per_worker(config: dict) -> None:
     from trainers.lora_adapters import apply_lora
     from trainers.metrics_logger import MetricsLogger
     from trainers.models import build_model
-    from trainers.recipes.objectives import build_objective
     from trainers.recipes.registry import ObjectiveContext
 
     cfg = config["cfg"]
@@ -166,8 +165,9 @@ def train_loop_per_worker(config: dict) -> None:
     engine, optimizer, scheduler = dse.wrap_model(model, tcfg, ds_config)
 
     tasks = config["tasks"]
-    objective = build_objective(ObjectiveContext(tcfg, tasks, tokenizer, new_tokens, str(run_dir), cfg.seed, rank,
-                                                 getattr(model.config, "_attn_implementation", "sdpa")))
+    objective = config["objective_cls"].build(ObjectiveContext(
+        tcfg, tasks, tokenizer, new_tokens, str(run_dir), cfg.seed, rank,
+        getattr(model.config, "_attn_implementation", "sdpa")))
     entity_index = objective.data.entities if objective.uses_entities else None
     stream = ShardedParquetStream(str(run_dir / "samples" / "train"), rank, world, batch_size=64, seed=cfg.seed,
                                   columns=SAMPLE_COLUMNS,

@@ -194,9 +194,9 @@ def run_one(cfg, run: dict) -> dict:
     repo = Path(__file__).resolve().parents[2]
     root = Path(cfg.run_dir).resolve() / "loid"
     ds_path = Path(c.deepspeed_config) if Path(c.deepspeed_config).is_absolute() else repo / c.deepspeed_config
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": _ray_env()},
-                 include_dashboard=False, log_to_driver=True)
+    from data_pipeline.ray_session import connect_ray
+
+    connect_ray(_ray_env())
     # Written to a staging folder and renamed at the end: a failed run leaves no half plugin behind.
     with storage.staged_folder(str(root / run["name"])) as staged:
         Path(staged.tmp_path).mkdir(parents=True, exist_ok=True)
