@@ -32,6 +32,62 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def absolute(uri: str) -> str:
+    """A URI every process can resolve: remote URIs as they are, local paths made absolute."""
+    import os
+
+    return uri if is_remote(uri) else os.path.abspath(uri)
+
+
+def remove(uri: str) -> None:
+    """Delete a file or folder; nothing to delete is fine."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """One small file (a marker, a log): written whole by one put, so a reader sees all of it or nothing."""
+    fs, path = filesystem(uri)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def upload_folder(local: str, uri: str) -> None:
+    """Copy a local folder's files to ``uri`` (a no-op when ``uri`` is that folder)."""
+    import os
+
+    if not is_remote(uri) and os.path.abspath(uri) == os.path.abspath(local):
+        return
+    fs, path = filesystem(uri)
+    for root, _, names in os.walk(local):
+        for name in names:
+            src = os.path.join(root, name)
+            dst = posixpath.join(path, os.path.relpath(src, local).replace(os.sep, "/"))
+            fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+            fs.put_file(src, dst)
+
+
+def local_copy(uri: str) -> str:
+    """A local folder holding ``uri``'s files: the folder itself when local, else a copy in a fresh temporary
+    folder (libraries such as transformers' from_pretrained read local paths only)."""
+    import tempfile
+
+    if not is_remote(uri):
+        return uri
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        raise DataError(uri, "not found")
+    target = tempfile.mkdtemp(prefix="recllm-copy-")
+    fs.get(path.rstrip("/") + "/", target, recursive=True)
+    return target
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)
@@ -116,6 +172,18 @@ class StagedFolder:
         self.files[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         if rows is not None:
             self.files[rel]["rows"] = rows
+
+    def put_file(self, rel: str, local_path: str) -> None:
+        """A local file copied in (large weights stream rather than pass through memory)."""
+        full = posixpath.join(self.tmp_path, rel)
+        self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
+        digest, size = hashlib.sha256(), 0
+        with open(local_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+                size += len(chunk)
+        self.fs.put_file(local_path, full)
+        self.files[rel] = {"sha256": digest.hexdigest(), "bytes": size}
 
     def write_parquet(self, rel: str, table: pa.Table, row_group_size: int = 8192) -> None:
         self.write_bytes(rel, parquet_bytes(table, row_group_size), rows=table.num_rows)

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from data_pipeline import storage
+from data_pipeline.errors import DataError
 from inference import topk_shards as ts
 
 log = logging.getLogger("recllm.infer")
@@ -96,7 +97,7 @@ def run_infer(cfg) -> dict:
     run_dir = cfg.run_dir if "://" in cfg.run_dir else os.path.abspath(cfg.run_dir)
     model_dir = icfg.model_dir or storage.join(run_dir, "model")
     if not storage.exists(storage.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"{model_dir}: no model; run `recllm train` first (or set infer.model_dir)")
+        raise DataError(model_dir, "no model (config.json); run `recllm train` first, or set infer.model_dir")
     topk_dir = storage.join(run_dir, "topk")
     manifest = json.loads(storage.read_text(storage.join(run_dir, "dataset", "manifest.json")))
     users = ts.users_to_score(run_dir, icfg.mode)

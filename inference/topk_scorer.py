@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -52,8 +51,9 @@ class TopKScorer:
         from data_pipeline.samples.prompt_format import PromptFormat
 
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        local = storage.local_copy(model_dir)  # from_pretrained reads local folders only
+        tokenizer = AutoTokenizer.from_pretrained(local)
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype).to(device).eval()
         scorer = cls(run_dir, model, tokenizer, PromptFormat.load(model_dir), infer_cfg, num_items, num_users, device)
         scorer.model_version = _model_version(model_dir)
         return scorer
@@ -130,15 +130,15 @@ def _drop_seen(items: np.ndarray, scores: np.ndarray, histories, k: int) -> tupl
 
 
 def _model_version(model_dir: str) -> str:
-    info = Path(model_dir) / "recllm_model.json"
-    weights = sorted(Path(model_dir).glob("*.safetensors"))
+    """step + a digest of the weight files' names, sizes and first MiB: changes whenever the model does."""
     import hashlib
 
+    fs, root = storage.filesystem(model_dir)
     digest = hashlib.sha256()
-    for w in weights:
-        st = w.stat()
-        digest.update(f"{w.name}:{st.st_size}".encode())
-        with open(w, "rb") as f:
+    for w in sorted(p for p in fs.ls(root, detail=False) if p.endswith(".safetensors")):
+        digest.update(f"{w.rsplit('/', 1)[-1]}:{fs.size(w)}".encode())
+        with fs.open(w, "rb") as f:
             digest.update(f.read(1 << 20))
-    step = json.loads(info.read_text())["step"] if info.exists() else "na"
+    info = storage.join(model_dir, "recllm_model.json")
+    step = json.loads(storage.read_text(info))["step"] if storage.exists(info) else "na"
     return f"step{step}-{digest.hexdigest()[:12]}"

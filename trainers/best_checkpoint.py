@@ -7,18 +7,16 @@ checkpoint, so a resumed run keeps comparing against the same best. Export reads
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from pathlib import Path
 
+from data_pipeline import storage
 from trainers.validation import VALID_METRIC
 
 BEST_STATE = "best_state.json"
 
 
 class BestCheckpoint:
-    def __init__(self, folder: Path, patience: int, state: dict | None = None):
-        self.folder, self.patience = Path(folder), patience
+    def __init__(self, folder: str, patience: int, state: dict | None = None):
+        self.folder, self.patience = str(folder), patience
         state = state or {}
         self.step: int | None = state.get("step")
         self.metrics: dict[str, float] = state.get("metrics", {})
@@ -44,23 +42,17 @@ class BestCheckpoint:
         return False
 
     def save(self, weights: dict | None, rank: int, lora: bool) -> None:
-        """Rank 0 writes the gathered weights next to a temporary name and renames it over the old best."""
+        """Rank 0 writes the gathered weights to a staged folder that replaces the old best when complete."""
         if rank != 0:
             return
-        from trainers.deepspeed_engine import save_weights
+        from trainers.deepspeed_engine import weights_bytes
 
-        tmp = self.folder.with_name(f".{self.folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_weights(weights, tmp / "weights.safetensors")
-        (tmp / BEST_STATE).write_text(json.dumps({**self.state(), "lora": lora}, indent=2))
-        old = self.folder.with_name(f".{self.folder.name}.old-{os.getpid()}")
-        if self.folder.exists():
-            self.folder.rename(old)
-        tmp.rename(self.folder)
-        shutil.rmtree(old, ignore_errors=True)
+        with storage.staged_folder(self.folder) as staged:
+            staged.write_bytes("weights.safetensors", weights_bytes(weights))
+            staged.write_bytes(BEST_STATE, json.dumps({**self.state(), "lora": lora}, indent=2).encode())
 
 
-def read_best(folder: Path) -> dict | None:
+def read_best(folder: str) -> dict | None:
     """The best round's state ({step, metrics, lora}) when training kept one, else None."""
-    path = Path(folder) / BEST_STATE
-    return json.loads(path.read_text()) if path.exists() else None
+    uri = storage.join(str(folder), BEST_STATE)
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None

@@ -108,19 +108,30 @@ def param_digest(engine) -> str:
     return digest.hexdigest()
 
 
-def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Weights by parameter name; shared tensors (a tied head) are stored once."""
-    from safetensors.torch import save_file
-
-    unique, seen = {}, {}
+def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Shared tensors (a tied head) once, under the first name."""
+    unique, seen = {}, set()
     for name, tensor in state.items():
         key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key in seen:
-            continue
-        seen[key] = name
-        unique[name] = tensor.contiguous()
+        if key not in seen:
+            seen.add(key)
+            unique[name] = tensor.contiguous()
+    return unique
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Weights by parameter name as a safetensors file."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(unique, str(path))
+    save_file(_unique_tensors(state), str(path))
+
+
+def weights_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """The same safetensors file as bytes, for writers that go through data_pipeline.storage."""
+    from safetensors.torch import save
+
+    return save(_unique_tensors(state))
 
 
 def load_weights(module: torch.nn.Module, path: Path, trainable_only: bool) -> None:

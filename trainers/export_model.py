@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 from data_pipeline import storage
@@ -27,12 +28,12 @@ def export_checkpoint(cfg, checkpoint_dir: str | Path, new_tokens: list[str], to
     checkpoint_dir = Path(checkpoint_dir)
     state = json.loads((checkpoint_dir / "trainer_state.json").read_text())
     weights = checkpoint_dir / "model" / "weights.safetensors"
-    best_dir = Path(cfg.run_dir).resolve() / "train" / "best"
+    best_dir = storage.join(storage.absolute(cfg.run_dir), "train", "best")
     best = read_best(best_dir) if cfg.train.select_best else None
     if best is not None:
         state = {"step": best["step"], "lora": best["lora"], "valid": best["metrics"],
                  "last_step": state["step"]}
-        weights = best_dir / "weights.safetensors"
+        weights = Path(storage.local_copy(best_dir)) / "weights.safetensors"
     return export_weights(cfg, weights, state, new_tokens, token_texts, out_uri, prompt_format)
 
 
@@ -50,10 +51,11 @@ def export_weights(cfg, weights: Path, state: dict, new_tokens: list[str], token
         model = apply_lora(model, new_ids, t.lora_r, t.lora_alpha, t.lora_dropout, t.lora_target_modules)
     load_weights(model, weights, trainable_only=lora)
     out_uri = out_uri or storage.join(cfg.run_dir, "model")
-    with storage.staged_folder(out_uri) as staged:
-        local = Path(staged.tmp_path) if "://" not in out_uri else None
-        if local is None:
-            raise ValueError("model export to object storage: export locally and upload the folder")
+    with storage.staged_folder(out_uri) as staged, tempfile.TemporaryDirectory(prefix="recllm-export-") as scratch:
+        # Hugging Face writes to a local folder: the staged folder itself when local, else a scratch folder
+        # whose files are then copied into the remote staged folder.
+        remote = storage.is_remote(out_uri)
+        local = Path(scratch) if remote else Path(staged.tmp_path)
         if lora:
             model.save_pretrained(str(local / "adapter"))
             model = model.merge_and_unload()
@@ -65,7 +67,12 @@ def export_weights(cfg, weights: Path, state: dict, new_tokens: list[str], token
         (local / MODEL_INFO).write_text(json.dumps(info, indent=2))
         if prompt_format is not None:
             (local / PROMPT_FORMAT_FILE).write_text(prompt_format.to_json())
-        staged.files = {p.relative_to(local).as_posix(): {} for p in local.rglob("*") if p.is_file()}
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        if remote:
+            for p in files:
+                staged.put_file(p.relative_to(local).as_posix(), str(p))
+        else:
+            staged.files = {p.relative_to(local).as_posix(): {} for p in files}
     log.info("exported step %d%s to %s", state["step"],
              f" (best valid round, {state['valid']})" if "valid" in state else "", out_uri)
     return out_uri

@@ -10,23 +10,25 @@ import logging
 import os
 from pathlib import Path
 
+from data_pipeline import storage
+from data_pipeline.errors import DataError
 from data_pipeline.ray_session import connect_ray
 from data_pipeline.samples.prompt_format import PromptFormat
 
 log = logging.getLogger("recllm.train")
 
 
+def _read_json(uri: str, stage: str):
+    if not storage.exists(uri):
+        raise DataError(uri, f"not found; run `recllm {stage}` first")
+    return json.loads(storage.read_text(uri))
+
+
 def training_inputs(cfg) -> dict:
-    """What every worker needs besides the config: new tokens, their texts, the task list."""
-    run_dir = Path(cfg.run_dir).resolve()
-    tokens_file = run_dir / "item_ids" / "tokens.json"
-    if not tokens_file.exists():
-        raise FileNotFoundError(f"{tokens_file}: run `recllm build-ids` first")
-    new_tokens = json.loads(tokens_file.read_text())
-    manifest_file = run_dir / "samples" / "manifest.json"
-    if not manifest_file.exists():
-        raise FileNotFoundError(f"{manifest_file}: run `recllm build-samples` first")
-    manifest = json.loads(manifest_file.read_text())
+    """What every worker needs besides the config: new tokens, their texts, the task list, the prompt format."""
+    run_dir = storage.absolute(cfg.run_dir)
+    new_tokens = _read_json(storage.join(run_dir, "item_ids", "tokens.json"), "build-ids")
+    manifest = _read_json(storage.join(run_dir, "samples", "manifest.json"), "build-samples")
     tasks = list(manifest["config"]["tasks"])
     sequence = "user_sequence" in tasks
     prompt_format = PromptFormat(
@@ -35,22 +37,36 @@ def training_inputs(cfg) -> dict:
         else manifest["config"]["max_history_in_prompt"])
     token_texts = None
     if cfg.model.new_token_init == "text":
-        import pyarrow.parquet as pq
-
-        items = pq.read_table(run_dir / "dataset" / "items.parquet", columns=["item_id", "title"]).to_pylist()
-        codes = pq.read_table(run_dir / "item_ids" / "item_codes.parquet", columns=["item_id", "tokens"]).to_pylist()
-        titles = {r["item_id"]: r["title"] for r in items if r["title"]}
-        token_texts = {row["tokens"][0]: titles[row["item_id"]] for row in codes
+        items = storage.read_parquet(storage.join(run_dir, "dataset", "items.parquet"), ["item_id", "title"])
+        codes = storage.read_parquet(storage.join(run_dir, "item_ids", "item_codes.parquet"), ["item_id", "tokens"])
+        titles = {r["item_id"]: r["title"] for r in items.to_pylist() if r["title"]}
+        token_texts = {row["tokens"][0]: titles[row["item_id"]] for row in codes.to_pylist()
                        if len(row["tokens"]) == 1 and row["item_id"] in titles}
-    return {"run_dir": str(run_dir), "new_tokens": new_tokens, "tasks": tasks, "token_texts": token_texts,
+    return {"run_dir": run_dir, "new_tokens": new_tokens, "tasks": tasks, "token_texts": token_texts,
             "prompt_format": prompt_format}
 
 
-def latest_checkpoint(storage_dir: Path):
-    """The newest complete checkpoint folder under Ray's storage for this run, or None."""
-    found = sorted((p for p in storage_dir.glob("*/checkpoint_*") if (p / "trainer_state.json").exists()),
-                   key=lambda p: json.loads((p / "trainer_state.json").read_text())["step"])
-    return found[-1] if found else None
+def ray_storage(uri: str):
+    """(storage_path, storage_filesystem) for Ray Train: a local folder as it is; a remote URI through the same
+    fsspec filesystem the other stages use (so its endpoint and credentials apply to checkpoints too)."""
+    if not storage.is_remote(uri):
+        return uri, None
+    import pyarrow.fs
+
+    fs, path = storage.filesystem(uri)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def latest_checkpoint(storage_uri: str) -> str | None:
+    """The newest complete checkpoint folder under Ray's storage for this run (a URI), or None."""
+    fs, path = storage.filesystem(storage_uri)
+    states = fs.glob(f"{path.rstrip('/')}/*/checkpoint_*/trainer_state.json")
+    if not states:
+        return None
+    newest = max(states, key=lambda p: json.loads(fs.cat_file(p))["step"])
+    folder = newest.rsplit("/", 1)[0]
+    proto = storage_uri.split("://", 1)[0] + "://" if storage.is_remote(storage_uri) else ""
+    return proto + folder if proto and not folder.startswith(proto) else folder
 
 
 def run_training(cfg) -> dict:
@@ -64,27 +80,26 @@ def run_training(cfg) -> dict:
 
     t = cfg.train
     inputs = training_inputs(cfg)
-    run_dir = Path(inputs["run_dir"])
+    run_dir = inputs["run_dir"]
     repo = Path(__file__).resolve().parents[1]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    for key in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE"):
-        if key in os.environ:
+    for key in os.environ:  # object-store endpoint and credentials reach the workers too
+        if key in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") or key.startswith("AWS_"):
             env[key] = os.environ[key]
     if not t.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     connect_ray(env)
-    storage_dir = run_dir / "train" / "ray"
+    storage_uri = storage.join(run_dir, "train", "ray")
+    storage_path, storage_fs = ray_storage(storage_uri)
     if not t.resume:  # a fresh run must not export an earlier run's best round
-        import shutil
-
-        shutil.rmtree(run_dir / "train" / "best", ignore_errors=True)
+        storage.remove(storage.join(run_dir, "train", "best"))
     resume_from = None
     if t.resume:
-        path = latest_checkpoint(storage_dir)
+        path = latest_checkpoint(storage_uri)
         if path is None:
-            raise FileNotFoundError(f"train.resume=true but no checkpoint under {storage_dir}")
-        resume_from = ray.train.Checkpoint.from_directory(str(path))
+            raise DataError(storage_uri, "train.resume=true but no checkpoint here")
+        resume_from = ray.train.Checkpoint(ray_storage(path)[0], filesystem=storage_fs)
         log.info("resuming from %s", path)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     deepspeed_config = str((repo / t.deepspeed_config) if not Path(t.deepspeed_config).is_absolute()
@@ -100,7 +115,7 @@ def run_training(cfg) -> dict:
                            "fault": {k: v for k, v in os.environ.items() if k.startswith("RECLLM_FAULT_")}},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        run_config=RunConfig(name="sft", storage_path=str(storage_dir),
+        run_config=RunConfig(name="sft", storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),
         resume_from_checkpoint=resume_from,

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from data_pipeline import storage
 from data_pipeline.samples.prompt_format import pad_token_id
 from trainers.packing import Packer, TokenizedSample, tokenize_sample
 from trainers.best_checkpoint import BestCheckpoint
@@ -138,7 +139,10 @@ def train_loop_per_worker(config: dict) -> None:
     device = f"cuda:{ctx.get_local_rank()}" if tcfg.use_gpu else "cpu"
     if tcfg.use_gpu:
         torch.cuda.set_device(device)
-    run_dir = Path(config["run_dir"])
+    run_dir = config["run_dir"]  # a local path or a remote URI: inputs are read through data_pipeline.storage
+    # What the loop appends to as it goes (metrics, samples seen, digests) is written to a local folder and,
+    # when run_dir is remote, copied there at each checkpoint and at the end.
+    local_train = _local_train_dir(run_dir)
     new_tokens = config["new_tokens"]
 
     model, tokenizer = build_model(cfg.model, new_tokens, token_texts=config.get("token_texts"), device="cpu",
@@ -166,10 +170,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     tasks = config["tasks"]
     objective = config["objective_cls"].build(ObjectiveContext(
-        tcfg, tasks, tokenizer, new_tokens, str(run_dir), cfg.seed, rank,
+        tcfg, tasks, tokenizer, new_tokens, run_dir, cfg.seed, rank,
         getattr(model.config, "_attn_implementation", "sdpa")))
     entity_index = objective.data.entities if objective.uses_entities else None
-    stream = ShardedParquetStream(str(run_dir / "samples" / "train"), rank, world, batch_size=64, seed=cfg.seed,
+    stream = ShardedParquetStream(storage.join(run_dir, "samples", "train"), rank, world, batch_size=64, seed=cfg.seed,
                                   columns=SAMPLE_COLUMNS,
                                   transform=tokenizing_transform(tokenizer, tasks, tcfg.seq_len, entity_index))
     feed = SampleFeed(stream, Packer(tcfg.seq_len, tcfg.micro_batch_size, pad_token_id(tokenizer),
@@ -179,17 +183,17 @@ def train_loop_per_worker(config: dict) -> None:
         feed.load_state_dict(json.loads((ckpt_dir / "loader" / f"rank-{rank}.json").read_text()))
         ckpt_dir_ctx.__exit__(None, None, None)
 
-    metrics_log = MetricsLogger(run_dir / "train" / "logs", enabled=rank == 0)
+    metrics_log = MetricsLogger(local_train / "logs", enabled=rank == 0)
     validation = None
     if tcfg.eval_every:
         from trainers.validation import ValidationRound
 
-        validation = ValidationRound(cfg, str(run_dir), tokenizer, config["prompt_format"], rank, world, device)
-    best = BestCheckpoint(run_dir / "train" / "best", tcfg.patience, trainer_state.get("best"))
+        validation = ValidationRound(cfg, run_dir, tokenizer, config["prompt_format"], rank, world, device)
+    best = BestCheckpoint(storage.join(run_dir, "train", "best"), tcfg.patience, trainer_state.get("best"))
     seen_log = None
     if tcfg.record_samples:
-        (run_dir / "train" / "samples_seen").mkdir(parents=True, exist_ok=True)
-        seen_log = open(run_dir / "train" / "samples_seen" / f"rank-{rank}.jsonl", "a")
+        (local_train / "samples_seen").mkdir(parents=True, exist_ok=True)
+        seen_log = open(local_train / "samples_seen" / f"rank-{rank}.jsonl", "a")
     flops_token, peak = _flops_per_token(engine.module), _peak_flops(tcfg)
     progress = None
     if rank == 0:
@@ -257,16 +261,40 @@ def train_loop_per_worker(config: dict) -> None:
         task_window[:] = 0
         if is_ckpt:
             _report_with_checkpoint(engine, scheduler, feed, step, rank, lora, tokenizer, metrics, dse, best)
+            _publish(local_train, run_dir, rank)
         else:
             ray.train.report(metrics)
     if progress:
         progress.close()
     digest = dse.param_digest(engine)  # collective under ZeRO-3
-    (run_dir / "train" / "param_digest").mkdir(parents=True, exist_ok=True)
-    (run_dir / "train" / "param_digest" / f"rank-{rank}.txt").write_text(digest)
+    (local_train / "param_digest").mkdir(parents=True, exist_ok=True)
+    (local_train / "param_digest" / f"rank-{rank}.txt").write_text(digest)
     metrics_log.close()
     if seen_log:
         seen_log.close()
+    _publish(local_train, run_dir, rank)
+
+
+def _local_train_dir(run_dir: str) -> Path:
+    if not storage.is_remote(run_dir):
+        return Path(run_dir) / "train"
+    import hashlib
+
+    return Path(tempfile.gettempdir()) / f"recllm-train-{hashlib.sha256(run_dir.encode()).hexdigest()[:12]}"
+
+
+def _publish(local_train: Path, run_dir: str, rank: int) -> None:
+    """Copy this rank's appended files to a remote run_dir (local runs write in place)."""
+    if not storage.is_remote(run_dir):
+        return
+    mine = [f"samples_seen/rank-{rank}.jsonl", f"param_digest/rank-{rank}.txt"]
+    if rank == 0:
+        mine += [p.relative_to(local_train).as_posix() for p in (local_train / "logs").rglob("*") if p.is_file()]
+    fs, root = storage.filesystem(storage.join(run_dir, "train"))
+    for rel in mine:
+        if (local_train / rel).is_file():
+            fs.makedirs(f"{root}/{rel.rsplit('/', 1)[0]}", exist_ok=True)
+            fs.put_file(str(local_train / rel), f"{root}/{rel}")
 
 
 def _fmt(metrics: dict) -> str:
