@@ -96,10 +96,9 @@ class SharedPromptDecoder(CopiedCacheDecoder):
         only at the last one, so those run on one row per user (the stock forward runs them on every token)."""
         input_ids, position_ids = self._left_padded(prompt_ids)
         base, layers = self.model.model, self.layers
-        users, width = input_ids.shape
+        users = len(input_ids)
         hidden = base.embed_tokens(input_ids)
         cos, sin = base.rotary_emb(hidden, position_ids)  # [users, width, head_dim]
-        # Causal over real tokens; a padding query sees only itself, so no softmax row is empty (never read).
         self.windows = self._windows()
         masks = {window: _prefill_mask(self.attention_mask, window) for window in set(self.windows)}
         # Attention to the prompt in the decode steps runs in float32 whatever the model's dtype, as SDPA
