@@ -389,8 +389,8 @@ def from_checkpoint(new_tokens: Sequence[str] = (), *, checkpoint: str, token_te
         raise ValueError(f"checkpoint {checkpoint!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
                          "size auto adds the new tokens through the checkpoint's own tokenizer")
     torch_dtype = _torch_dtype(dtype)
-    model = _load_checkpoint(checkpoint, None, "auto", torch_dtype, attention_implementation(attn_implementation,
-                                                                                              torch_dtype))
+    attn = attention_implementation(attn_implementation, torch_dtype)
+    model = _load_checkpoint(checkpoint, None, "auto", torch_dtype, attn)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, init=new_token_init,
                       noise=new_token_noise, seed=seed)
