@@ -7,6 +7,7 @@ into work avoided (matmul FLOPs per user, counted from the model's shape) and wo
     python bench/beam_search.py --threads 1             # 256 users, 4,000 items, beam 20, K 10 (goal: >= 20x)
     python bench/beam_search.py --users 64 --decoder copied_cache --new-token-noise 0.01
     python bench/beam_search.py --model smollm2_135m --users 32 --hf-users 8 --users-per-batch 16 --repeats 1
+    python bench/beam_search.py --checkpoint /path/to/Qwen3-0.6B --users 32 --hf-users 8   # any family (size auto)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from data_pipeline.item_ids.item_codes import semantic_token, semantic_vocabular
 from inference.code_trie import CodeTrie  # noqa: E402
 from inference.constrained_beam_search import (constrained_beam_search, encode_prompts,  # noqa: E402
                                                hf_prefix_allowed_tokens_fn)
-from trainers.models import smollm2_135m, tiny  # noqa: E402
+from trainers.models import from_checkpoint, smollm2_135m, tiny  # noqa: E402
 
 
 def random_codes(items: int, levels: int, codes: int, generator: torch.Generator) -> torch.Tensor:
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-users", type=int, default=0, help="run HF on the first N users only (0: all)")
     parser.add_argument("--model", default="tiny", choices=["tiny", "smollm2_135m"],
                         help="tiny (the demo's random-init shape) or SmolLM2-135M's pretrained weights (30 layers)")
+    parser.add_argument("--checkpoint", default="", help="a Hugging Face folder of any supported family (Llama, "
+                        "Mistral, Qwen2, Qwen3) with its tokenizer, instead of --model")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="the model's: float32 or bfloat16 (on a GPU)")
     parser.add_argument("--decoder", default="auto", help="ours: auto, shared_prompt or copied_cache")
@@ -140,9 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    build = {"tiny": tiny, "smollm2_135m": smollm2_135m}[args.model]
-    model, tokenizer = build(semantic_vocabulary(args.levels, args.codes), new_token_noise=args.new_token_noise,
-                             seed=args.seed, device=args.device, dtype=args.dtype)
+    vocabulary = semantic_vocabulary(args.levels, args.codes)
+    options = dict(new_token_noise=args.new_token_noise, seed=args.seed, device=args.device, dtype=args.dtype)
+    if args.checkpoint:
+        model, tokenizer = from_checkpoint(vocabulary, checkpoint=args.checkpoint, **options)
+        args.model = f"{model.config.model_type} ({args.checkpoint})"
+    else:
+        model, tokenizer = {"tiny": tiny, "smollm2_135m": smollm2_135m}[args.model](vocabulary, **options)
     model.eval()
     generator = torch.Generator().manual_seed(args.seed)
     codes = random_codes(args.items, args.levels, args.codes, generator)

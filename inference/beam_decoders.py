@@ -1,8 +1,9 @@
 """Forward passes for constrained beam search: each user's prompt is prefilled once (left-padded batch), then
-every beam takes one token per code level. ``SharedPromptDecoder`` (LLaMA) runs the decoder layers itself: the
-prefill stops the last layer at keys/values for all but the last prompt token, and in the decode steps a user's
-beams read its prompt keys/values in place. ``CopiedCacheDecoder`` (any Hugging Face causal LM) uses the stock
-forward with a ``DynamicCache``, copies it to every beam and reorders the copies each level.
+every beam takes one token per code level. ``SharedPromptDecoder`` (the LLaMA family: Llama 2/3.x, Mistral,
+Qwen2/2.5, Qwen3) runs the decoder layers itself: the prefill stops the last layer at keys/values for all but
+the last prompt token, and in the decode steps a user's beams read its prompt keys/values in place.
+``CopiedCacheDecoder`` (any Hugging Face causal LM) uses the stock forward with a ``DynamicCache``, copies it to
+every beam and reorders the copies each level.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
+
+from trainers.model_config import FAMILIES
 
 DECODERS = ("auto", "shared_prompt", "copied_cache")
 
@@ -69,16 +72,23 @@ class CopiedCacheDecoder:
 
 
 class SharedPromptDecoder(CopiedCacheDecoder):
-    """LLaMA layers run by hand. Prefill: keys/values of every prompt token, the last layer's attention output and
-    MLP at the last token only. Decode steps: the beams of a user share its prompt's keys/values: attention to the
-    prompt is one matmul per user for all its beams' queries, attention to the code tokens so far one per beam,
-    both in one softmax; only the code tokens' keys/values (a few per beam) are stored per beam and reordered.
-    The layers' own modules (projections, norms, MLP, rotary embedding) do the rest. Expects a plain
-    LlamaForCausalLM (the merged model inference loads), not a PEFT wrapper."""
+    """LLaMA-family layers run by hand. Prefill: keys/values of every prompt token, the last layer's attention
+    output and MLP at the last token only. Decode steps: the beams of a user share its prompt's keys/values:
+    attention to the prompt is one matmul per user for all its beams' queries, attention to the code tokens so far
+    one per beam, both in one softmax; only the code tokens' keys/values (a few per beam) are stored per beam and
+    reordered. The layers' own modules do the rest: projections (with Qwen2's qkv bias), Qwen3's per-head q/k
+    norms, the MLP, and the model's rotary embedding (Llama 3's rope scaling included); a layer's sliding window
+    (Mistral, Qwen) masks keys as the stock forward does. Expects a plain causal LM of ``FAMILIES`` (the merged
+    model inference loads), not a PEFT wrapper."""
 
     @property
     def layers(self):
         return self.model.model.layers[: self.model.config.num_hidden_layers]
+
+    def _windows(self) -> list[int | None]:
+        """Per layer: its sliding window in tokens, or None (Qwen layers say; Mistral's apply to every layer)."""
+        default = getattr(self.model.config, "sliding_window", None)
+        return [getattr(layer.self_attn, "sliding_window", default) for layer in self.layers]
 
     def prefill(self, prompt_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """Logits [users, vocab] of the token after each prompt, and every layer's prompt keys/values, from the
@@ -86,31 +96,26 @@ class SharedPromptDecoder(CopiedCacheDecoder):
         only at the last one, so those run on one row per user (the stock forward runs them on every token)."""
         input_ids, position_ids = self._left_padded(prompt_ids)
         base, layers = self.model.model, self.layers
-        users, width = input_ids.shape
+        users = len(input_ids)
         hidden = base.embed_tokens(input_ids)
         cos, sin = base.rotary_emb(hidden, position_ids)  # [users, width, head_dim]
-        # Causal over real tokens; a padding query sees only itself, so no softmax row is empty (never read).
-        causal = torch.ones(width, width, dtype=torch.bool, device=hidden.device).tril()
-        mask = (causal & self.attention_mask.bool()[:, None, :]) | torch.eye(width, dtype=torch.bool,
-                                                                          device=hidden.device)
-        mask = mask[:, None]  # [users, 1, queries, keys]
+        self.windows = self._windows()
+        masks = {window: _prefill_mask(self.attention_mask, window) for window in set(self.windows)}
         # Attention to the prompt in the decode steps runs in float32 whatever the model's dtype, as SDPA
         # accumulates (bf16 scores would be off by ~1e-2); the keys/values are small next to the weights.
         self.prompt_keys, self.prompt_values = [], []
         for index, layer in enumerate(layers):
-            attn = layer.self_attn
+            attn, mask = layer.self_attn, masks[self.windows[index]]
             normed = layer.input_layernorm(hidden)
-            key = attn.k_proj(normed).view(users, width, -1, attn.head_dim).transpose(1, 2)
-            value = attn.v_proj(normed).view(users, width, -1, attn.head_dim).transpose(1, 2)
-            key = _rotated(key, cos, sin)
+            key = _rotated(_heads(attn, "k", normed).transpose(1, 2), cos, sin)
+            value = _heads(attn, "v", normed).transpose(1, 2)
             self.prompt_keys.append(key.float())
             self.prompt_values.append(value.float())
             if index == len(layers) - 1:  # only the last token goes on
                 normed, hidden, cos, sin = (t[:, -1:] for t in (normed, hidden, cos, sin))
                 mask = mask[:, :, -1:]
             queries = normed.shape[1]
-            query = attn.q_proj(normed).view(users, queries, -1, attn.head_dim).transpose(1, 2)
-            query = _rotated(query, cos, sin)
+            query = _rotated(_heads(attn, "q", normed).transpose(1, 2), cos, sin)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scaling,
                                                  enable_gqa=query.shape[1] != key.shape[1])
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(users, queries, -1))
@@ -133,6 +138,9 @@ class SharedPromptDecoder(CopiedCacheDecoder):
         self.code_values = [torch.zeros_like(k) for k in self.code_keys]
         self.num_beams, self.done = num_beams, 0
         self.next_position = self.lengths.repeat_interleave(num_beams)
+        # Windows that can hide a key within this search (prompt + code tokens); the others are dropped.
+        width = self.attention_mask.shape[1]
+        self.windows = [w if w is not None and w < width + steps else None for w in self.windows]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         base = self.model.model
@@ -140,8 +148,12 @@ class SharedPromptDecoder(CopiedCacheDecoder):
         cos, sin = base.rotary_emb(hidden.unsqueeze(1), self.next_position.unsqueeze(0))
         cos, sin = cos[0], sin[0]  # [rows, head_dim]
         self.done += 1
+        biases = {w: _window_bias(self.prompt_bias, self.done, w) if w is not None else (self.prompt_bias, None)
+                  for w in set(self.windows)}
         for index, layer in enumerate(self.layers):
-            hidden = hidden + self._attention(index, layer.self_attn, layer.input_layernorm(hidden), cos, sin)
+            prompt_bias, code_bias = biases[self.windows[index]]
+            hidden = hidden + self._attention(index, layer.self_attn, layer.input_layernorm(hidden), cos, sin,
+                                              prompt_bias, code_bias)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         self.next_position = self.next_position + 1
         return self._head(base.norm(hidden))
@@ -159,15 +171,14 @@ class SharedPromptDecoder(CopiedCacheDecoder):
             buffer = self._logits = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
         return torch.mm(hidden, head.weight.t(), out=buffer[:rows])
 
-    def _attention(self, index: int, attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _attention(self, index: int, attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   prompt_bias: torch.Tensor, code_bias: torch.Tensor | None) -> torch.Tensor:
         rows, beams, done = len(hidden), self.num_beams, self.done
         users = rows // beams
         prompt_values = self.prompt_values[index]
         _, kv_heads, width, head_dim = prompt_values.shape
         groups = self.model.config.num_attention_heads // kv_heads  # query heads per kv head (GQA)
-        query = attn.q_proj(hidden).view(rows, kv_heads * groups, head_dim)
-        key = attn.k_proj(hidden).view(rows, kv_heads, head_dim)
-        value = attn.v_proj(hidden).view(rows, kv_heads, head_dim)
+        query, key, value = (_heads(attn, which, hidden) for which in "qkv")  # [rows, heads, head_dim]
         query, key = apply_rotary_pos_emb(query, key, cos, sin, unsqueeze_dim=1)
         self.code_keys[index][:, :, done - 1] = key
         self.code_values[index][:, :, done - 1] = value
@@ -181,7 +192,9 @@ class SharedPromptDecoder(CopiedCacheDecoder):
         prompt_scores = torch.matmul(query.reshape(users, kv_heads, beams * groups, head_dim),
                                      self.prompt_keys_t[index]).view(users, kv_heads, beams, groups, width)
         code_scores = (query.unsqueeze(4) * code_keys.unsqueeze(3)).sum(-1)  # [users, kv_heads, beams, groups, done]
-        weights = torch.softmax(torch.cat([prompt_scores.add_(self.prompt_bias), code_scores], dim=-1), dim=-1)
+        if code_bias is not None:
+            code_scores = code_scores + code_bias
+        weights = torch.softmax(torch.cat([prompt_scores.add_(prompt_bias), code_scores], dim=-1), dim=-1)
         out = torch.matmul(weights[..., :width].reshape(users, kv_heads, beams * groups, width), prompt_values)
         out = out.view(users, kv_heads, beams, groups, head_dim) + \
             (weights[..., width:].unsqueeze(-1) * code_values.unsqueeze(3)).sum(-2)
@@ -193,6 +206,41 @@ class SharedPromptDecoder(CopiedCacheDecoder):
                 store[index] = tensor.index_select(0, origin)
 
 
+def _heads(attn, which: str, hidden: torch.Tensor) -> torch.Tensor:
+    """Projection ``which`` (q, k or v) of ``hidden`` [..., hidden] split into heads [..., heads, head_dim], with
+    the layer's per-head RMSNorm where it has one (Qwen3's q_norm, k_norm), as the stock attention does."""
+    states = getattr(attn, f"{which}_proj")(hidden)
+    states = states.view(*states.shape[:-1], -1, attn.head_dim)
+    norm = getattr(attn, f"{which}_norm", None)
+    return norm(states) if norm is not None else states
+
+
+def _prefill_mask(attention_mask: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[users, 1, queries, keys] bool: causal over real tokens and, with a sliding window, only the ``window``
+    latest columns (the stock mask's ``key > query - window``); a padding query sees only itself, so no softmax
+    row is empty (never read)."""
+    width = attention_mask.shape[1]
+    columns = torch.arange(width, device=attention_mask.device)
+    offset = columns[:, None] - columns[None, :]  # query column - key column
+    allowed = (offset >= 0) if window is None else (offset >= 0) & (offset < window)
+    mask = (allowed & attention_mask.bool()[:, None, :]) | torch.eye(width, dtype=torch.bool, device=columns.device)
+    return mask[:, None]
+
+
+def _window_bias(prompt_bias: torch.Tensor, done: int, window: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompt bias, code bias or None) for decode step ``done`` under a sliding window: the query sits in column
+    width + done - 1 of the stock cache, so a key column c stays visible while c > width + done - 1 - window."""
+    width = prompt_bias.shape[-1]
+    first = width + done - window  # the first visible column
+    columns = torch.arange(width, device=prompt_bias.device)
+    prompt = prompt_bias.masked_fill(columns < first, -torch.inf) if first > 0 else prompt_bias
+    if first <= width:
+        return prompt, None
+    code = torch.zeros(done, device=prompt_bias.device).masked_fill(torch.arange(done, device=prompt_bias.device)
+                                                                    < first - width, -torch.inf)
+    return prompt, code
+
+
 def _rotated(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of one [users, heads, tokens, head_dim] tensor (``apply_rotary_pos_emb`` takes query and
     key at the same positions; the prefill's last layer has queries at the last position only)."""
@@ -200,11 +248,13 @@ def _rotated(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 
 def decoder_for(model, kind: str = "auto") -> CopiedCacheDecoder:
-    """``auto``: the shared-prompt decoder for LLaMA models, the copied-cache one for anything else."""
+    """``auto``: the shared-prompt decoder for the LLaMA family (``FAMILIES``), the copied-cache one for anything
+    else."""
     if kind not in DECODERS:
         raise ValueError(f"decoder: {kind!r} is not one of {list(DECODERS)}")
-    llama = getattr(model.config, "model_type", None) == "llama"
+    llama = getattr(model.config, "model_type", None) in FAMILIES
     if kind == "shared_prompt" and not llama:
-        raise ValueError(f"the shared-prompt decoder runs LLaMA layers; this model is {model.config.model_type!r}")
+        raise ValueError(f"the shared-prompt decoder runs the layers of {list(FAMILIES)}; this model is "
+                         f"{model.config.model_type!r}")
     return SharedPromptDecoder(model) if kind == "shared_prompt" or (kind == "auto" and llama) \
         else CopiedCacheDecoder(model)

@@ -115,13 +115,14 @@ def constrained_beam_search(model, prompt_ids: Sequence[Sequence[int]], trie: Co
                             *, users_per_batch: int | None = None,
                             decoder: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(item ids LongTensor [users, top_k], scores FloatTensor [users, top_k]), on the CPU, for a causal LM
-    ``model`` (a Hugging Face ``LlamaForCausalLM``), prompts of token ids (``encode_prompts``) and a trie
-    over LM token ids (``build_token_trie``). Semantics: see the comment at the top of this module.
+    ``model`` (a Hugging Face causal LM), prompts of token ids (``encode_prompts``) and a trie over LM token
+    ids (``build_token_trie``). Semantics: see the comment at the top of this module.
 
     Users go through the model ``users_per_batch`` at a time (all at once by default), grouped by prompt
     length: one prefill of the batch's prompts, then users x beams rows for every code level after the
     first. ``decoder`` picks the forward passes (``inference.beam_decoders``): ``auto`` lets a user's beams
-    share its prompt cache for LLaMA models and copies the cache to every beam otherwise.
+    share its prompt cache for the LLaMA family (Llama, Mistral, Qwen2, Qwen3) and copies the cache to every
+    beam otherwise.
     """
     _check_arguments(num_beams, top_k)
     if users_per_batch is not None and users_per_batch < 1:

@@ -122,7 +122,7 @@ def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
 
 
 def run_evaluate_reviews(cfg) -> dict:
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from data_pipeline.reviews.build_reviews import read_reviews
 
@@ -133,7 +133,7 @@ def run_evaluate_reviews(cfg) -> dict:
     test = storage.read_parquet(storage.join(cfg.run_dir, "samples", "test")).to_pandas().sort_values("sample_id")
     reviews = read_reviews(cfg.run_dir, c.domain).to_pandas()
     train_mean = float(reviews.rating[reviews.split == "train"].mean())
-    model = LlamaForCausalLM.from_pretrained(str(model_dir)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     budget = {"rating": 4, "direct_recommendation": 6}
     tasks, examples = {}, {}

@@ -1,6 +1,6 @@
 """Constrained beam search: the fast version against the plain reference and against brute force on random tiny
-LLaMAs and random code tries (hypothesis); padding, generation settings, Hugging Face's beam search, and the
-token trie built from an item_ids/ folder."""
+LLaMAs and random code tries (hypothesis), and on each family's tiny model (Llama 3, Qwen2, Qwen3, Mistral);
+padding, generation settings, Hugging Face's beam search, and the token trie built from an item_ids/ folder."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from inference.beam_decoders import CopiedCacheDecoder, SharedPromptDecoder, dec
 from inference.code_trie import CodeTrie
 from inference.constrained_beam_search import (build_token_trie, constrained_beam_search, encode_prompts,
                                                hf_prefix_allowed_tokens_fn, reference_beam_search)
+from tests.tiny_families import FAMILIES, random_family_model
 from trainers.models import tiny
 from trainers.packing import tokenize_sample
 
@@ -48,12 +49,24 @@ def random_llama(seed: int, base_vocab: int, code_tokens: int) -> LlamaForCausal
         return LlamaForCausalLM(config).eval()
 
 
+def random_model(family: str, seed: int, base_vocab: int, code_tokens: int, window: int):
+    """``random_llama``, or a random model of a family in ``tiny_families`` (sliding-window families get
+    ``window``), with logits as spread."""
+    if family == "llama":
+        return random_llama(seed, base_vocab, code_tokens)
+    windowed = {"sliding_window": window} if family in ("qwen2", "mistral") else {}
+    return random_family_model(family, base_vocab + code_tokens, seed, initializer_range=0.3, bos_token_id=1,
+                               eos_token_id=END_TOKEN, pad_token_id=0, **windowed)
+
+
 @st.composite
-def search_cases(draw, fixed_depth: bool | None = None, min_users: int = 1, max_users: int = 4, max_beams: int = 8):
+def search_cases(draw, fixed_depth: bool | None = None, min_users: int = 1, max_users: int = 4, max_beams: int = 8,
+                 family: str = "llama"):
     """A random model, a random prefix-free code set over its code tokens, prompts of random lengths, beams, K.
 
     Codes are fixed-depth (1-4 levels, like semantic IDs) or ragged (1-4 tokens plus the end token, like
-    subtoken IDs); code tokens are per level (<a_*>, <b_*>, ...) or one shared alphabet.
+    subtoken IDs); code tokens are per level (<a_*>, <b_*>, ...) or one shared alphabet. A sliding window (Qwen2,
+    Mistral) of 2-12 tokens may hide prompt and code keys.
     """
     base_vocab = draw(st.integers(64, 128))
     alphabet = draw(st.integers(2, 6))
@@ -68,7 +81,8 @@ def search_cases(draw, fixed_depth: bool | None = None, min_users: int = 1, max_
     sequences = [[base_vocab + level * alphabet * per_level + c for level, c in enumerate(code)]
                  for code in sorted(codes)]
     items = draw(st.permutations(range(100, 100 + len(sequences))))
-    model = random_llama(draw(st.integers(0, 2**16)), base_vocab, alphabet * (4 if per_level else 1))
+    model = random_model(family, draw(st.integers(0, 2**16)), base_vocab, alphabet * (4 if per_level else 1),
+                         window=draw(st.integers(2, 12)))  # at 1 HF's own sliding cache keeps no key
     trie = CodeTrie(sequences, items, vocab_size=model.config.vocab_size, end_token=END_TOKEN if ragged else None)
     if ragged:
         sequences = [s + [END_TOKEN] for s in sequences]
@@ -118,6 +132,18 @@ def test_fast_search_matches_reference(case, decoder):
     assert_same_results(fast, reference_beam_search(model, prompts, trie, num_beams, top_k))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=12, deadline=None)
+@given(data=st.data())
+def test_fast_search_matches_reference_for_each_family(family, data):
+    model, trie, codes, prompts, num_beams, top_k = data.draw(search_cases(family=family))
+    reference = reference_beam_search(model, prompts, trie, num_beams, top_k)
+    for decoder in ("auto", "copied_cache"):
+        fast = constrained_beam_search(model, prompts, trie, num_beams, top_k, decoder=decoder)
+        assert_valid_distinct_sorted(fast, codes)
+        assert_same_results(fast, reference)
+
+
 @settings(max_examples=20, deadline=None)
 @given(search_cases(max_users=2), st.integers(0, 5))
 def test_enough_beams_make_the_search_exhaustive(case, extra_beams):
@@ -156,19 +182,23 @@ def test_fewer_items_than_k_are_padded_with_minus_one_and_minus_inf():
     assert_same_results((items, scores), reference_beam_search(model, [[5, 6, 7]], trie, 5, 5))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_shared_prompt_prefill_matches_the_stock_forward(seed):
-    """The LLaMA layers run by hand (last layer on the last token only) give the stock forward's next-token
-    logits and, at every real prompt position, its keys/values; left padding of any width changes nothing."""
-    model = random_llama(seed, 64, 8)
-    prompts = [[1, 5, 9, 11, 40], [1, 7], [1, 3, 3, 3, 3, 3, 3, 20], [1]]
+@pytest.mark.parametrize("family, seed", [("llama", 0), ("llama", 1), *((f, 0) for f in FAMILIES)])
+def test_shared_prompt_prefill_matches_the_stock_forward(family, seed):
+    """The layers run by hand (last layer on the last token only) give the stock forward's next-token logits
+    and, at every real prompt position, its keys/values; left padding of any width changes nothing. Qwen2's and
+    Mistral's windows (6 and 5 tokens) are shorter than the longest prompt, so they hide keys here."""
+    model = random_model(family, seed, 64, 8, window=5)
+    prompts = [[1, 5, 9, 11, 40, 6, 7, 8, 9, 10], [1, 7], [1, 3, 3, 3, 3, 3, 3, 20], [1]]
     stock, shared = CopiedCacheDecoder(model), SharedPromptDecoder(model)
     with torch.inference_mode():
         expected, got = stock.prefill(prompts), shared.prefill(prompts)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        plain = torch.cat([model(input_ids=torch.tensor([prompt])).logits[:, -1] for prompt in prompts])
+        torch.testing.assert_close(got, plain, rtol=0, atol=1e-5)
         for layer, cached in enumerate(stock.cache.layers):
+            kept = cached.keys.shape[2]  # a sliding-window layer of the stock cache keeps only the latest keys
             for row, prompt in enumerate(prompts):
-                real = slice(-len(prompt), None)
+                real = slice(-min(len(prompt), kept), None)
                 torch.testing.assert_close(shared.prompt_keys[layer][row, :, real], cached.keys[row, :, real],
                                            rtol=0, atol=1e-5)
                 torch.testing.assert_close(shared.prompt_values[layer][row, :, real],
@@ -177,8 +207,9 @@ def test_shared_prompt_prefill_matches_the_stock_forward(seed):
     torch.testing.assert_close(torch.cat(alone), got, rtol=0, atol=1e-5)
 
 
-def test_llama_models_get_the_shared_prompt_decoder():
-    model = random_llama(0, 64, 4)
+@pytest.mark.parametrize("family", ["llama", *FAMILIES])
+def test_llama_family_models_get_the_shared_prompt_decoder(family):
+    model = random_model(family, 0, 64, 4, window=5)
     assert type(decoder_for(model)) is SharedPromptDecoder
     assert type(decoder_for(model, "copied_cache")) is CopiedCacheDecoder
     with pytest.raises(ValueError, match="not one of"):

