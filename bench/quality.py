@@ -28,11 +28,14 @@ DATASETS = {  # only data.* differs between datasets: the configs run unchanged
     "beauty": ["data.format=lcrec", f"data.path={SHARED / 'beauty_p5_ids'}", "data.name=Beauty"],
     "video_games": ["data.format=sasrec", f"data.path={SHARED / 'video_games_sasrec'}", "data.name=Video"],
 }
-RECIPES = {
-    "demo": "configs/demo.yaml",
-    "semantic": "configs/scientific_semantic.yaml",
-    "cllm4rec": "configs/cllm4rec_scientific.yaml",
-    "controlrec": "configs/controlrec_scientific.yaml",
+RECIPES = {  # name -> (config, overrides on top of it: only for the ablation rows, never data.*)
+    "demo": ("configs/demo.yaml", []),
+    "semantic": ("configs/scientific_semantic.yaml", []),
+    "cllm4rec": ("configs/cllm4rec_scientific.yaml", []),
+    "controlrec": ("configs/controlrec_scientific.yaml", []),
+    # what the seeds' alignment tasks add on top of the sequence-level objective (items need text)
+    "demo+text": ("configs/demo.yaml", ["samples.tasks=[user_sequence,text_alignment,query_alignment]"]),
+    "demo+collab_lm": ("configs/demo.yaml", ["samples.tasks=[user_sequence,collaborative_lm]"]),
 }
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
 MODELS = ("recllm", "sasrec", "popular")
@@ -43,8 +46,9 @@ def run_cell(dataset: str, recipe: str, seed: int, out: Path, extra: list[str]) 
     report = run_dir / "report" / "metrics.json"
     if not report.exists():
         log = out / f"{dataset}-{recipe}-s{seed}.log"
-        cmd = [str(Path(sys.executable).with_name("recllm")), "pipeline", RECIPES[recipe], f"run_dir={run_dir}",
-               f"seed={seed}", *DATASETS[dataset], *extra]
+        config, recipe_overrides = RECIPES[recipe]
+        cmd = [str(Path(sys.executable).with_name("recllm")), "pipeline", config, f"run_dir={run_dir}",
+               f"seed={seed}", *DATASETS[dataset], *recipe_overrides, *extra]
         print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}  (log: {log})", flush=True)
         start = time.perf_counter()
         with open(log, "w") as f:

@@ -15,6 +15,7 @@ QUIET_LOGGERS = {
     "ray.train.v2._internal.execution.worker_group": logging.WARNING,
     "ray.train": logging.WARNING,
     "ray.data": logging.WARNING,
+    "DeepSpeed": logging.WARNING,
 }
 
 
@@ -36,6 +37,18 @@ def quiet_ray_logs() -> None:
         DataContext.get_current().enable_progress_bars = False
     except ImportError:
         pass
+
+
+def ray_train_log_level() -> str:
+    """Ray Train's own console level (its LoggingConfig): its per-report and checkpoint lines stay in its logs."""
+    return "INFO" if os.environ.get("RECLLM_RAY_VERBOSE") == "1" else "WARNING"
+
+
+def worker_log_level(rank: int) -> int:
+    """The level of this project's loggers in a training worker: rank 0 narrates, the others only warn."""
+    if os.environ.get("RECLLM_RAY_VERBOSE") == "1":
+        return logging.INFO
+    return logging.INFO if rank == 0 else logging.WARNING
 
 
 def connect_ray(env_vars: dict[str, str] | None = None) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from data_pipeline import storage
 from data_pipeline.errors import DataError
-from data_pipeline.ray_session import connect_ray
+from data_pipeline.ray_session import connect_ray, ray_train_log_level
 from data_pipeline.samples.prompt_format import PromptFormat
 
 log = logging.getLogger("recllm.train")
@@ -71,7 +71,7 @@ def latest_checkpoint(storage_uri: str) -> str | None:
 
 def run_training(cfg) -> dict:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainers.export_model import export_checkpoint
@@ -116,6 +116,7 @@ def run_training(cfg) -> dict:
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(name="sft", storage_path=storage_path, storage_filesystem=storage_fs,
+                             logging_config=LoggingConfig(log_level=ray_train_log_level()),
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),
         resume_from_checkpoint=resume_from,

@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from data_pipeline import storage
+from data_pipeline.ray_session import quiet_ray_logs, worker_log_level
 from data_pipeline.samples.prompt_format import pad_token_id
 from trainers.packing import Packer, TokenizedSample, tokenize_sample
 from trainers.best_checkpoint import BestCheckpoint
@@ -134,7 +135,10 @@ def train_loop_per_worker(config: dict) -> None:
     tcfg = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    # Rank 0 narrates this project's steps; DeepSpeed's and the other libraries' INFO lines stay out.
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    logging.getLogger("recllm").setLevel(worker_log_level(rank))
+    quiet_ray_logs()
     torch.manual_seed(cfg.seed)
     device = f"cuda:{ctx.get_local_rank()}" if tcfg.use_gpu else "cpu"
     if tcfg.use_gpu:
