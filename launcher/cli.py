@@ -25,7 +25,7 @@ def submit(argv: list[str]) -> int:
     import json
     import os
 
-    from cluster.job_submission import build_submission, run_submission
+    from cluster.job_submission import build_submission, open_cluster_refusal, run_submission, use_cluster_token
     from launcher.stages import STAGES
 
     parser = argparse.ArgumentParser(prog="recllm submit", description=submit.__doc__)
@@ -38,6 +38,8 @@ def submit(argv: list[str]) -> int:
     parser.add_argument("--install-requirements", action="store_true",
                         help="pip-install requirements.txt into the job (when the cluster image lacks them)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="job environment variable")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow plain http to a non-loopback address with no cluster token")
     args = parser.parse_intermixed_args(argv)
     if not (args.address or args.dry_run):
         parser.error("--address is required (or set RAY_API_SERVER_ADDRESS)")
@@ -50,6 +52,10 @@ def submit(argv: list[str]) -> int:
     if args.dry_run:
         print(json.dumps(job.as_dict(), indent=2))
         return 0
+    refusal = None if args.insecure else open_cluster_refusal(args.address, use_cluster_token())
+    if refusal:
+        print(f"recllm submit: error: {refusal}", file=sys.stderr)
+        return 2
     return run_submission(job)
 
 
