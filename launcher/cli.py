@@ -1,9 +1,15 @@
-"""`recllm <command> CONFIG [key=value ...]`: parse the config, run one stage (or the pipeline), exit."""
+"""`recllm <command> CONFIG [key=value ...]`: parse the config, run one stage (or the pipeline), exit.
+
+Every command that writes into run_dir holds run_dir/.lock while it runs (data_pipeline/run_lock.py).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+import threading
 
 from data_pipeline.errors import DataError
 from launcher.config_schema import ConfigError
@@ -16,7 +22,30 @@ def _commands():
     return {**stages.STAGES, "pipeline": stages.pipeline, "plan": stages.plan}
 
 
-USAGE = "usage: recllm <command> CONFIG [key=value ...]\ncommands: {}, submit"
+USAGE = "usage: recllm <command> CONFIG [key=value ...] [--break-lock]\ncommands: {}, submit"
+READERS = {"plan", "infer", "evaluate", "evaluate-loid", "evaluate-reviews"}
+"""Commands that run without run_dir/.lock; every other one (a new stage too) takes it."""
+FLAGS = {"--break-lock"}
+
+
+@contextlib.contextmanager
+def _writer_lock(command: str, cfg, break_lock: bool):
+    """run_dir/.lock around a writing command; SIGTERM (kill, `ray job stop`) then unwinds like Ctrl-C and
+    releases it, so only SIGKILL leaves a lock behind (broken by --break-lock once its pid is gone)."""
+    if command in READERS:
+        yield
+        return
+    from data_pipeline.run_lock import run_dir_lock
+
+    with run_dir_lock(cfg.run_dir, command, break_lock=break_lock, max_age_s=cfg.lock_max_age_hours * 3600):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def submit(argv: list[str]) -> int:
@@ -64,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["submit"]:
         return submit(argv[1:])
     commands = _commands()
-    if len(argv) < 2 or argv[0] not in commands:
+    flags = {a for a in argv if a.startswith("--")}
+    argv = [a for a in argv if a not in flags]
+    if len(argv) < 2 or argv[0] not in commands or flags - FLAGS:
         print(USAGE.format(", ".join(commands)), file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -72,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(argv[1], argv[2:])
-        commands[argv[0]](cfg)
+        with _writer_lock(argv[0], cfg, "--break-lock" in flags):
+            commands[argv[0]](cfg)
     except (ConfigError, DataError, PlanError) as exc:
         print(f"recllm {argv[0]}: error: {exc}", file=sys.stderr)
         return 2
