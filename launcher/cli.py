@@ -1,6 +1,7 @@
 """`recllm <command> CONFIG [key=value ...]`: parse the config, run one stage (or the pipeline), exit.
 
-Every command that writes into run_dir holds run_dir/.lock while it runs (data_pipeline/run_lock.py).
+Every command that writes into run_dir holds run_dir/.lock while it runs (data_pipeline/run_lock.py). Bad input
+(config, data, a missing stage input, a plan that cannot fit) ends in one line and exit 2; --debug adds the traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import signal
 import sys
 import threading
+import traceback
 
 from data_pipeline.errors import DataError
 from launcher.config_schema import ConfigError
@@ -22,10 +24,12 @@ def _commands():
     return {**stages.STAGES, "pipeline": stages.pipeline, "plan": stages.plan}
 
 
-USAGE = "usage: recllm <command> CONFIG [key=value ...] [--break-lock]\ncommands: {}, submit"
+USAGE = "usage: recllm <command> CONFIG [key=value ...] [--break-lock] [--debug]\ncommands: {}, submit"
 READERS = {"plan", "infer", "evaluate", "evaluate-loid", "evaluate-reviews"}
 """Commands that run without run_dir/.lock; every other one (a new stage too) takes it."""
-FLAGS = {"--break-lock"}
+FLAGS = {"--break-lock", "--debug"}
+USER_ERRORS = (ConfigError, DataError, PlanError, FileNotFoundError)
+"""What a user fixes (the stages raise FileNotFoundError for a missing input: `run recllm build-ids first`)."""
 
 
 @contextlib.contextmanager
@@ -105,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(argv[1], argv[2:])
         with _writer_lock(argv[0], cfg, "--break-lock" in flags):
             commands[argv[0]](cfg)
-    except (ConfigError, DataError, PlanError) as exc:
+    except USER_ERRORS as exc:
+        if "--debug" in flags:
+            traceback.print_exc()
         print(f"recllm {argv[0]}: error: {exc}", file=sys.stderr)
         return 2
     return 0
