@@ -1,13 +1,14 @@
 """`recllm submit`: the one module that speaks to Ray Jobs. Turns a locally validated config (the pipeline or one
 stage) into a job submission: an entrypoint that runs the same `recllm` command on the cluster, a runtime_env that
-ships this repo as the job's working_dir, and metadata. Sends it to the cluster's dashboard, streams the job's logs
-and returns its final status.
+ships this repo as the job's working_dir, and metadata. Sends it to the cluster's dashboard with the cluster token,
+refusing an open cluster across a network, streams the job's logs and returns its final status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import getpass
+import ipaddress
 import json
 import os
 import shlex
@@ -17,6 +18,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from launcher.config_schema import ConfigError
 
@@ -119,11 +121,34 @@ def build_submission(config: str, overrides: list[str], *, stage: str = "pipelin
     return JobSubmission(address, entrypoint, runtime_env, metadata, submission_id)
 
 
-def use_cluster_token() -> None:
-    """Ray enables token auth for a cluster when a token exists; its clients must then send it too."""
+def use_cluster_token() -> bool:
+    """Send the cluster token when there is one (RAY_AUTH_TOKEN, the RAY_AUTH_TOKEN_PATH file or ~/.ray/auth_token),
+    as Ray's own clients read it; True when a token will be sent."""
     token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
-        os.environ["RAY_AUTH_MODE"] = "token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or (token_file.is_file() and token_file.stat().st_size)):
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    return os.environ["RAY_AUTH_MODE"] == "token"
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def open_cluster_refusal(address: str, has_token: bool) -> str | None:
+    """Why a job must not go to ``address`` as asked, or None: plain http to another machine with no token means
+    the cluster runs jobs from anyone who can reach it (or that this client will be refused anyway)."""
+    parts = urlsplit(address if "://" in address else f"http://{address}")
+    if has_token or parts.scheme == "https" or _is_loopback(parts.hostname):
+        return None
+    return (f"refusing plain http to {address} without a cluster token: a cluster that takes this job takes anyone's "
+            f"on the network; set RAY_AUTH_TOKEN or copy the head's token to ~/.ray/auth_token (README: Token auth), "
+            f"tunnel to 127.0.0.1, or pass --insecure")
 
 
 async def _print_logs(client, job_id: str) -> None:
@@ -141,16 +166,22 @@ def final_status(client, job_id: str, timeout_s: float = 60.0) -> str:
 
 def run_submission(job: JobSubmission) -> int:
     """Submit, stream the logs until the job ends, and return 0 if it SUCCEEDED, 1 otherwise."""
-    use_cluster_token()
+    has_token = use_cluster_token()
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
         client = JobSubmissionClient(job.address)
+        job_id = client.submit_job(entrypoint=job.entrypoint, runtime_env=job.runtime_env, metadata=job.metadata,
+                                   submission_id=job.submission_id)
     except ConnectionError as exc:
         print(f"recllm submit: error: no Ray cluster answers at {job.address}: {exc}", file=sys.stderr)
         return 1
-    job_id = client.submit_job(entrypoint=job.entrypoint, runtime_env=job.runtime_env, metadata=job.metadata,
-                               submission_id=job.submission_id)
+    except AuthenticationError:
+        why = "refused the token sent" if has_token else "needs a token and none was found"
+        print(f"recllm submit: error: the Ray cluster at {job.address} {why}; set RAY_AUTH_TOKEN or copy the head's "
+              f"token to ~/.ray/auth_token (README: Token auth)", file=sys.stderr)
+        return 2
     print(f"recllm submit: job {job_id} submitted to {job.address}", flush=True)
     try:
         asyncio.run(_print_logs(client, job_id))

@@ -3,6 +3,7 @@
 # nodes on this machine, worker nodes on other machines over ssh, or one worker node that joins a head (one call
 # per machine, e.g. from srun). Every node is a `ray start --block` process in its own process group, recorded in
 # the state dir; --stop stops exactly those processes (never `ray stop`, which would kill every Ray on the host).
+# Token auth is always on: the head makes a token when none exists, ssh workers get it on stdin, clients need it.
 #
 #   cluster/start_ray_cluster.sh --head-ip 10.0.0.1                              # head here; workers join later
 #   cluster/start_ray_cluster.sh --head-ip 10.0.0.1 --worker-hosts gpu1,gpu2     # + one worker node per host (ssh)
@@ -12,7 +13,7 @@
 #   cluster/start_ray_cluster.sh --stop                                          # stop what this state dir started
 set -euo pipefail
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; cat <<'EOF'
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; cat <<'EOF'
 options:
   --head-ip IP            address of the head node (required to start or wait)
   --num-workers N         worker node processes to start on this machine next to the head (default 0)
@@ -20,7 +21,7 @@ options:
   --worker                start one worker node on this machine that joins --head-ip
   --port P                GCS port of the head (default 6379)
   --dashboard-port P      dashboard / Ray Jobs API port (default 8265)
-  --dashboard-host H      address the dashboard binds (default 0.0.0.0)
+  --dashboard-host H      address the dashboard / Jobs API binds (default 127.0.0.1; reach it through ssh -L)
   --port-base P           ports of the k-th node started here: P+1000k .. P+1000k+999 (default 20000)
   --head-cpus N | --worker-cpus N | --gpus N    resources a node advertises (default: what Ray detects)
   --temp-dir DIR          Ray's temp dir (sessions, logs, sockets; keep it short, default /tmp/ray)
@@ -28,11 +29,14 @@ options:
   --block                 stay in the foreground until a signal, then stop the nodes (srun)
   --timeout S             seconds to wait for nodes to come up (default 180)
   --stop                  stop the nodes recorded in the state dir (and on --worker-hosts)
+  --token-stdin           (--worker) read the cluster token from stdin instead of RAY_AUTH_TOKEN or the token file
+token: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token); the head creates the file (0600)
+when neither exists. Clients (`recllm submit`, `ray job`) need the same token: copy the file or set RAY_AUTH_TOKEN.
 EOF
 }
 
-HEAD_IP="" NUM_WORKERS=0 WORKER_HOSTS="" ROLE=head PORT=6379 DASHBOARD_PORT=8265 DASHBOARD_HOST=0.0.0.0
-PORT_BASE=20000 HEAD_CPUS="" WORKER_CPUS="" GPUS="" TEMP_DIR="" STATE_DIR="" BLOCK=0 TIMEOUT=180 WAIT_NODES=""
+HEAD_IP="" NUM_WORKERS=0 WORKER_HOSTS="" ROLE=head PORT=6379 DASHBOARD_PORT=8265 DASHBOARD_HOST=127.0.0.1
+PORT_BASE=20000 HEAD_CPUS="" WORKER_CPUS="" GPUS="" TEMP_DIR="" STATE_DIR="" BLOCK=0 TIMEOUT=180 WAIT_NODES="" TOKEN_STDIN=0
 while (($#)); do
   case "$1" in
     --head-ip) HEAD_IP=$2; shift ;;
@@ -52,6 +56,7 @@ while (($#)); do
     --state-dir) STATE_DIR=$2; shift ;;
     --block) BLOCK=1 ;;
     --timeout) TIMEOUT=$2; shift ;;
+    --token-stdin) TOKEN_STDIN=1 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "start_ray_cluster.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -66,11 +71,36 @@ PYTHON=${PYTHON:-$(dirname "$(command -v "$RAY")")/python}
 [[ -x $PYTHON ]] || PYTHON=python3
 log() { echo "[start_ray_cluster] $*" >&2; }
 
-# Ray enables token auth for a cluster when a token exists; every node and every client must then agree.
+# Token auth always: without it anyone who reaches the GCS or the Jobs API runs code on every node.
+[[ ${RAY_AUTH_MODE:-token} == token ]] || log "ignoring RAY_AUTH_MODE=$RAY_AUTH_MODE: this script always uses token"
+export RAY_AUTH_MODE=token
 TOKEN_FILE=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
-if [[ -z ${RAY_AUTH_MODE:-} ]] && { [[ -n ${RAY_AUTH_TOKEN:-} ]] || [[ -f $TOKEN_FILE ]]; }; then
-  export RAY_AUTH_MODE=token
-fi
+
+make_token() {  # the head: use RAY_AUTH_TOKEN or the token file; create the file (owner-only) when neither exists
+  [[ -n ${RAY_AUTH_TOKEN:-} ]] && return 0
+  if [[ ! -s $TOKEN_FILE ]]; then
+    (umask 077 && mkdir -p "$(dirname "$TOKEN_FILE")" &&
+      od -An -vtx1 -N32 /dev/urandom | tr -d ' \n' >"$TOKEN_FILE.$$" && mv "$TOKEN_FILE.$$" "$TOKEN_FILE")
+    log "new cluster token in $TOKEN_FILE; clients need it too (README: Token auth)"
+  fi
+  export RAY_AUTH_TOKEN_PATH=$TOKEN_FILE
+}
+
+find_token() {  # a worker or a waiting client: the head's token, from stdin, the env or the (shared) token file
+  if ((TOKEN_STDIN)); then IFS= read -r RAY_AUTH_TOKEN || true; export RAY_AUTH_TOKEN; fi
+  [[ -n ${RAY_AUTH_TOKEN:-} ]] && return 0
+  local deadline=$((SECONDS + TIMEOUT))
+  until [[ -s $TOKEN_FILE ]]; do  # the head writes it before it starts; a shared filesystem may show it late
+    if ((SECONDS > deadline)); then
+      log "no cluster token: set RAY_AUTH_TOKEN, pass --token-stdin, or copy the head's token file to $TOKEN_FILE"
+      return 1
+    fi
+    sleep 1
+  done
+  export RAY_AUTH_TOKEN_PATH=$TOKEN_FILE
+}
+
+token_value() { if [[ -n ${RAY_AUTH_TOKEN:-} ]]; then printf '%s\n' "$RAY_AUTH_TOKEN"; else cat "$TOKEN_FILE"; echo; fi; }
 
 node_ports() {  # node_ports K: the fixed ports of the k-th node started from here, so nodes on one host never clash
   local b=$((PORT_BASE + 1000 * $1))
@@ -142,7 +172,7 @@ stop_nodes() {  # SIGTERM each recorded `ray start --block` (it stops its node),
   done
 }
 
-remote() {  # remote HOST ARGS...: run this script on HOST with the shared options
+remote() {  # remote HOST ARGS...: run this script on HOST with the shared options (stdin goes to it)
   ssh -o BatchMode=yes "$1" "cd $(printf %q "$REPO") && $(printf %q "$SCRIPT") --head-ip $(printf %q "$HEAD_IP")" \
     "--port $PORT --port-base $PORT_BASE --timeout $TIMEOUT" \
     "${TEMP_DIR:+--temp-dir $(printf %q "$TEMP_DIR")} ${WORKER_CPUS:+--worker-cpus $WORKER_CPUS}" \
@@ -152,12 +182,13 @@ remote() {  # remote HOST ARGS...: run this script on HOST with the shared optio
 IFS=, read -r -a HOSTS <<<"$WORKER_HOSTS"
 case "$ROLE" in
   stop)
-    for host in "${HOSTS[@]}"; do remote "$host" --stop || log "stop on $host failed"; done
+    for host in "${HOSTS[@]}"; do remote "$host" --stop </dev/null || log "stop on $host failed"; done
     stop_nodes
     exit 0 ;;
   wait)
     [[ -n $HEAD_IP ]] || { log "--head-ip is required"; exit 2; }
     wait_for_port "$HEAD_IP" "$PORT"
+    find_token
     wait_for_nodes "$WAIT_NODES"
     exit 0 ;;
 esac
@@ -168,12 +199,14 @@ trap on_signal TERM INT  # while starting, and for good with --block
 
 if [[ $ROLE == worker ]]; then
   wait_for_port "$HEAD_IP" "$PORT"
+  find_token
   # shellcheck disable=SC2046
   start_node worker-0 "$TEMP_DIR" --address="$HEAD_IP:$PORT" \
     ${WORKER_CPUS:+--num-cpus="$WORKER_CPUS"} ${GPUS:+--num-gpus="$GPUS"} \
     $(node_ports 0)
   wait_started worker-0 || { stop_nodes; exit 1; }
 else
+  make_token
   # shellcheck disable=SC2046
   start_node head "$TEMP_DIR" --head --node-ip-address="$HEAD_IP" --port="$PORT" --dashboard-host="$DASHBOARD_HOST" \
     --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port=$((PORT_BASE + 10)) \
@@ -186,9 +219,12 @@ else
       ${WORKER_CPUS:+--num-cpus="$WORKER_CPUS"} ${GPUS:+--num-gpus="$GPUS"} $(node_ports "$k")
   done
   for ((k = 1; k <= NUM_WORKERS; k++)); do wait_started "worker-$k" || { stop_nodes; exit 1; }; done
-  for host in "${HOSTS[@]}"; do remote "$host" --worker || { log "worker on $host failed"; stop_nodes; exit 1; }; done
+  for host in "${HOSTS[@]}"; do  # the token travels on ssh's stdin, never on a command line
+    token_value | remote "$host" --worker --token-stdin || { log "worker on $host failed"; stop_nodes; exit 1; }
+  done
   wait_for_nodes $((1 + NUM_WORKERS + ${#HOSTS[@]})) || { stop_nodes; exit 1; }
-  log "dashboard / Ray Jobs API: http://$HEAD_IP:$DASHBOARD_PORT   GCS: $HEAD_IP:$PORT"
+  log "dashboard / Ray Jobs API: http://${DASHBOARD_HOST/0.0.0.0/$HEAD_IP}:$DASHBOARD_PORT   GCS: $HEAD_IP:$PORT   token auth:" \
+      "${RAY_AUTH_TOKEN_PATH:-RAY_AUTH_TOKEN}"
 fi
 
 if ((BLOCK)); then

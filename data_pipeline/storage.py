@@ -151,6 +151,11 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return protocol in ("file", "local")
 
 
+def is_local(uri: str) -> bool:
+    """True for a path on this machine's filesystem, False for s3:// and other object stores."""
+    return _is_local(filesystem(uri)[0])
+
+
 class StagedFolder:
     """Files written under a hidden temporary folder, renamed to ``final`` only on ``publish()``.
 

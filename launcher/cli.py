@@ -1,9 +1,17 @@
-"""`recllm <command> CONFIG [key=value ...]`: parse the config, run one stage (or the pipeline), exit."""
+"""`recllm <command> CONFIG [key=value ...]`: parse the config, run one stage (or the pipeline), exit.
+
+Every command that writes into run_dir holds run_dir/.lock while it runs (data_pipeline/run_lock.py). Bad input
+(config, data, a missing stage input, a plan that cannot fit) ends in one line and exit 2; --debug adds the traceback.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+import threading
+import traceback
 
 from data_pipeline.errors import DataError
 from launcher.config_schema import ConfigError
@@ -16,7 +24,32 @@ def _commands():
     return {**stages.STAGES, "pipeline": stages.pipeline, "plan": stages.plan}
 
 
-USAGE = "usage: recllm <command> CONFIG [key=value ...]\ncommands: {}, submit"
+USAGE = "usage: recllm <command> CONFIG [key=value ...] [--break-lock] [--debug]\ncommands: {}, submit"
+READERS = {"plan", "infer", "evaluate", "evaluate-loid", "evaluate-reviews"}
+"""Commands that run without run_dir/.lock; every other one (a new stage too) takes it."""
+FLAGS = {"--break-lock", "--debug"}
+USER_ERRORS = (ConfigError, DataError, PlanError, FileNotFoundError)
+"""What a user fixes (the stages raise FileNotFoundError for a missing input: `run recllm build-ids first`)."""
+
+
+@contextlib.contextmanager
+def _writer_lock(command: str, cfg, break_lock: bool):
+    """run_dir/.lock around a writing command; SIGTERM (kill, `ray job stop`) then unwinds like Ctrl-C and
+    releases it, so only SIGKILL leaves a lock behind (broken by --break-lock once its pid is gone)."""
+    if command in READERS:
+        yield
+        return
+    from data_pipeline.run_lock import run_dir_lock
+
+    with run_dir_lock(cfg.run_dir, command, break_lock=break_lock, max_age_s=cfg.lock_max_age_hours * 3600):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def submit(argv: list[str]) -> int:
@@ -25,7 +58,7 @@ def submit(argv: list[str]) -> int:
     import json
     import os
 
-    from cluster.job_submission import build_submission, run_submission
+    from cluster.job_submission import build_submission, open_cluster_refusal, run_submission, use_cluster_token
     from launcher.stages import STAGES
 
     parser = argparse.ArgumentParser(prog="recllm submit", description=submit.__doc__)
@@ -38,6 +71,8 @@ def submit(argv: list[str]) -> int:
     parser.add_argument("--install-requirements", action="store_true",
                         help="pip-install requirements.txt into the job (when the cluster image lacks them)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="job environment variable")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow plain http to a non-loopback address with no cluster token")
     args = parser.parse_intermixed_args(argv)
     if not (args.address or args.dry_run):
         parser.error("--address is required (or set RAY_API_SERVER_ADDRESS)")
@@ -50,6 +85,10 @@ def submit(argv: list[str]) -> int:
     if args.dry_run:
         print(json.dumps(job.as_dict(), indent=2))
         return 0
+    refusal = None if args.insecure else open_cluster_refusal(args.address, use_cluster_token())
+    if refusal:
+        print(f"recllm submit: error: {refusal}", file=sys.stderr)
+        return 2
     return run_submission(job)
 
 
@@ -58,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["submit"]:
         return submit(argv[1:])
     commands = _commands()
-    if len(argv) < 2 or argv[0] not in commands:
+    flags = {a for a in argv if a.startswith("--")}
+    argv = [a for a in argv if a not in flags]
+    if len(argv) < 2 or argv[0] not in commands or flags - FLAGS:
         print(USAGE.format(", ".join(commands)), file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -66,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(argv[1], argv[2:])
-        commands[argv[0]](cfg)
-    except (ConfigError, DataError, PlanError) as exc:
+        with _writer_lock(argv[0], cfg, "--break-lock" in flags):
+            commands[argv[0]](cfg)
+    except USER_ERRORS as exc:
+        if "--debug" in flags:
+            traceback.print_exc()
         print(f"recllm {argv[0]}: error: {exc}", file=sys.stderr)
         return 2
     return 0

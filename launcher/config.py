@@ -9,7 +9,7 @@ from data_pipeline.item_ids.config import IdsConfig
 from data_pipeline.reviews.config import ReviewsConfig
 from data_pipeline.reviews.task_config import ReviewTasksConfig
 from data_pipeline.samples.config import SamplesConfig
-from launcher.config_schema import load
+from launcher.config_schema import load, positive
 from trainers.model_config import ModelConfig
 from trainers.train_config import TrainConfig
 from trainers.loid.config import LoIDConfig
@@ -24,6 +24,8 @@ class RecllmConfig:
     """Seed for everything random: splits of work, initialisation, sampling."""
     stages: list[str] = field(default_factory=lambda: ["prepare"])
     """Stages `recllm pipeline` runs, in order."""
+    lock_max_age_hours: float = 24.0
+    """--break-lock breaks a run_dir/.lock this old even when its process may still run (on another host)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Raw data and the split (stage: prepare)."""
     ids: IdsConfig = field(default_factory=IdsConfig)
@@ -58,7 +60,7 @@ class RecllmConfig:
         if self.infer.scorer == "multinomial" and self.ids.scheme != "atomic":
             problems.append(f"infer.scorer: 'multinomial' scores one token per item (ids.scheme=atomic), got "
                             f"ids.scheme={self.ids.scheme!r}")
-        return problems
+        return problems + positive("lock_max_age_hours", self.lock_max_age_hours)
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> RecllmConfig:

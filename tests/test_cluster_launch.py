@@ -67,6 +67,13 @@ def test_autoscaler_yaml_has_what_ray_up_needs():
     assert (REPO / cfg["file_mounts"]["/home/ray/recllm-requirements.txt"]).is_file()
     assert any("--head" in c for c in cfg["head_start_ray_commands"])
     assert any("$RAY_HEAD_IP" in c for c in cfg["worker_start_ray_commands"])
+    # Token auth on every node, from the token file copied to each; the dashboard only on the head's loopback.
+    token = "/home/ray/.ray/auth_token"
+    assert cfg["file_mounts"][token] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in cfg[key] if "ray start" in c]
+        assert f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token} ray start" in start, start
+    assert "--dashboard-host=127.0.0.1" in cfg["head_start_ray_commands"][-1]
 
 
 def test_docker_image_pins_the_ray_of_requirements():
@@ -80,6 +87,7 @@ def test_kuberay_raycluster_has_a_head_and_8_gpu_workers():
     assert rc["apiVersion"] == "ray.io/v1" and rc["kind"] == "RayCluster"
     spec = rc["spec"]
     assert spec["rayVersion"] == _ray_pin()
+    assert spec["authOptions"] == {"mode": "token"}  # KubeRay makes the token Secret and sets it on every container
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
     ports = {p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
@@ -114,6 +122,9 @@ def test_nightly_cronjob_submits_the_nightly_config(capsys):
     (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     command = container["command"]
     assert command[:3] == ["recllm", "submit", "configs/nightly.yaml"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "recllm", "key": "auth_token"}
     assert main([*command[1:], "--dry-run"]) == 0  # the same arguments validate and build a submission
     submission = json.loads(capsys.readouterr().out)
     assert submission["address"] == "http://recllm-head-svc:8265"  # KubeRay's service for RayCluster `recllm`
@@ -241,11 +252,14 @@ def _free_port_base(nodes: int) -> int:
     raise RuntimeError("no free port block for the test cluster")
 
 
-def _cluster_env() -> dict:
+def _cluster_env(token_file: Path) -> dict:
+    """The env of the script and its clients; the cluster token lives in ``token_file`` (made by the head), never
+    in this machine's ~/.ray/auth_token."""
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "PYTHONUNBUFFERED": "1"}
+           "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_TOKEN_PATH": str(token_file)}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))  # DeepSpeed's CPU ops, built once
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"):
+        env.pop(name, None)
     return env
 
 
@@ -280,7 +294,7 @@ def ray_cluster(tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
     state_dir = tmp_path_factory.mktemp("ray_state")
     port, dashboard_port = _free_port(), _free_port()
-    env = _cluster_env()
+    env = _cluster_env(tmp_path_factory.mktemp("ray_token") / "auth_token")
     pgids: dict[str, int] = {}
     try:
         start = subprocess.run(
@@ -307,8 +321,7 @@ def ray_cluster(tmp_path_factory):
 
 def _auth_env(env: dict) -> dict:
     """The env in which Ray's CLI talks to a cluster that has token auth on (as `recllm submit` sets it)."""
-    token = Path(env.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    return {**env, "RAY_AUTH_MODE": "token"} if "RAY_AUTH_MODE" not in env and token.is_file() else env
+    return {**env, "RAY_AUTH_MODE": "token"}
 
 
 def _submit(cluster, *args: str, timeout: int) -> subprocess.CompletedProcess:
@@ -381,7 +394,8 @@ def test_slurm_script_on_one_node(tmp_path):
     for tool in ("srun", "scontrol"):
         (fake_bin / tool).chmod(0o755)
     job_id = f"t{uuid.uuid4().hex[:8]}"
-    env = {**_cluster_env(), "PATH": f"{fake_bin}{os.pathsep}{_cluster_env()['PATH']}", "SLURM_JOB_ID": job_id,
+    cluster_env = _cluster_env(tmp_path / "auth_token")
+    env = {**cluster_env, "PATH": f"{fake_bin}{os.pathsep}{cluster_env['PATH']}", "SLURM_JOB_ID": job_id,
            "SLURM_JOB_NODELIST": "localhost", "SLURM_SUBMIT_DIR": str(REPO), "RECLLM_VENV": str(VENV_BIN.parent),
            "RECLLM_SUBMIT": "1", "RAY_PORT": str(_free_port()), "RAY_DASHBOARD_PORT": str(_free_port()),
            "RAY_PORT_BASE": str(_free_port_base(1))}

@@ -39,6 +39,19 @@ def load_codebook(item_ids_dir: str) -> tuple[dict, dict]:
     return safetensors.torch.load(data), metadata
 
 
+def codebook_bytes(tensors: dict, metadata: dict[str, str]) -> bytes:
+    """codebook.safetensors, byte-identical for identical tensors: safetensors writes ``__metadata__`` in its
+    hash map's per-process random order, so the header is rewritten with the keys sorted (same length)."""
+    data = safetensors.torch.save(tensors, metadata)
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_len])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    canonical = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)
+    if len(canonical) != header_len:  # never expected: the same keys and values in another order
+        return data
+    return data[:8] + canonical + data[8 + header_len:]
+
+
 def _text_targets(ids: IdsConfig, items: pa.Table, manifest: dict, model_cfg, text_embedder: TextEmbedder | None
                   ) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
     """LLM-alignment targets, or None with the reason it is off."""
@@ -125,7 +138,7 @@ def write_item_ids(built: BuiltIds, out_uri: str) -> None:
         staged.write_bytes(TOKENS_FILE, json.dumps(built.new_tokens).encode())
         if built.codebook is not None:
             tensors, metadata = built.codebook
-            staged.write_bytes(CODEBOOK_FILE, safetensors.torch.save(tensors, metadata))
+            staged.write_bytes(CODEBOOK_FILE, codebook_bytes(tensors, metadata))
         built.stats["files"] = dict(sorted(staged.files.items()))
         staged.write_bytes(STATS_FILE, json.dumps(built.stats, indent=2).encode())
 

@@ -19,7 +19,7 @@ from data_pipeline.item_ids.config import IdsConfig
 from data_pipeline.item_ids.item_codes import (BuiltIds, code_matrix, item_codes_table, semantic_token,
                                               semantic_vocabulary)
 from data_pipeline.item_ids.residual_quantizer import (LatentDistancePreference, ResidualQuantizer, load_quantizer,
-                                                       quantizer_tensors, train_quantizer)
+                                                       pinned_threads, quantizer_tensors, train_quantizer)
 
 log = logging.getLogger("recllm.item_ids")
 
@@ -62,6 +62,7 @@ class SemanticCodes:
     stats: dict
 
 
+@pinned_threads()  # collision resolution's matrix products too: codes must not depend on the thread count
 def quantise_catalogue(embeddings: np.ndarray, cfg: IdsConfig, seed: int, text_targets: np.ndarray | None = None,
                        text_mask: np.ndarray | None = None) -> SemanticCodes:
     """Train the quantiser on every item, code every item, resolve collisions."""
@@ -114,6 +115,7 @@ def _fit_linear_map(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray,
     return weights, float(1.0 - residual / max(total, 1e-12))
 
 
+@pinned_threads()
 def assign_new_items(items: pa.Table, embeddings: np.ndarray, existing: pa.Table, codebook: tuple[dict, dict]
                      ) -> BuiltIds:
     """Code the items of ``items`` absent from ``existing`` (matched on source_id) with the frozen codebook.
