@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -24,10 +25,11 @@ def _commands():
     return {**stages.STAGES, "pipeline": stages.pipeline, "plan": stages.plan}
 
 
-USAGE = "usage: recllm <command> CONFIG [key=value ...] [--break-lock] [--debug]\ncommands: {}, submit"
+USAGE = "usage: recllm <command> CONFIG [key=value ...] [--break-lock] [--debug] [-v]\ncommands: {}, submit"
 READERS = {"plan", "infer", "evaluate", "evaluate-loid", "evaluate-reviews"}
 """Commands that run without run_dir/.lock; every other one (a new stage too) takes it."""
-FLAGS = {"--break-lock", "--debug"}
+FLAGS = {"--break-lock", "--debug", "-v"}
+"""-v: Ray's, Ray Train's and DeepSpeed's own INFO lines on the console too (by default they stay in Ray's logs)."""
 USER_ERRORS = (ConfigError, DataError, PlanError, FileNotFoundError)
 """What a user fixes (the stages raise FileNotFoundError for a missing input: `run recllm build-ids first`)."""
 
@@ -97,12 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["submit"]:
         return submit(argv[1:])
     commands = _commands()
-    flags = {a for a in argv if a.startswith("--")}
+    flags = {a for a in argv if a.startswith("--") or a == "-v"}
     argv = [a for a in argv if a not in flags]
     if len(argv) < 2 or argv[0] not in commands or flags - FLAGS:
         print(USAGE.format(", ".join(commands)), file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if "-v" in flags:
+        os.environ["RECLLM_RAY_VERBOSE"] = "1"  # read by data_pipeline.ray_session in this and every Ray process
     from launcher.config import load_config
 
     try:
