@@ -41,8 +41,9 @@ def _scientific_slice(folder: Path) -> Path:
 def _start(run_dir: Path, raw: Path, threads: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "OPENBLAS_NUM_THREADS": str(threads)}
-    return subprocess.Popen([sys.executable, "-m", "launcher.cli", "pipeline", str(REPO / "configs" / "demo.yaml"),
-                             f"run_dir={run_dir}", f"data.path={raw}", *SMALL],
+    config = str(REPO / "configs" / "alignment_sft.yaml")
+    return subprocess.Popen([sys.executable, "-m", "launcher.cli", "pipeline", config, f"run_dir={run_dir}",
+                             f"data.path={raw}", *SMALL],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -19,7 +19,7 @@ from launcher.cli import main
 from tests.conftest import REPO
 from tests.test_s3 import s3_endpoint  # noqa: F401 - the moto server fixture
 
-CONFIG = str(REPO / "configs" / "demo.yaml")
+CONFIG = str(REPO / "configs" / "alignment_sft.yaml")
 SEQUENCES = {str(u): [(u + k) % 12 for k in range(5)] for u in range(30)}
 
 
