@@ -3,7 +3,8 @@ text) may attend to a token of another ID only when the two are related in the t
 (the user interacted with the item; two items were interacted with by one user). Text tokens see and are seen
 as usual. The result is an additive 4D mask (0 / dtype-min) that also keeps packed samples apart, which
 Hugging Face LLaMA hands unchanged to SDPA (and eager). Flash-attention kernels take no arbitrary mask, so
-the trainer runs this recipe with SDPA.
+the trainer runs this recipe with SDPA; ``visibility_mask_mod`` gives the same mask to FlexAttention (measured
+in ``bench/gpu_suite.py``).
 
 Entity keys: item i -> i + 1, user u -> -(u + 1), plain text -> 0.
 """
@@ -91,31 +92,60 @@ class InteractionGraph:
         return bool(i < len(self._pairs) and self._pairs[i] == k)
 
 
-def visibility_mask(position_ids: torch.Tensor, entity_ids: torch.Tensor, graph: InteractionGraph,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """[B, 1, L, L] additive mask: causal, within one packed sample (positions restart at 0), and between
-    tokens of two different IDs only when ``graph`` relates them."""
-    b, length = position_ids.shape
-    segment = (position_ids == 0).cumsum(-1)
-    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
-    allowed = causal & (segment.unsqueeze(-1) == segment.unsqueeze(-2))
-    for r in range(b):
+def _segments(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] index of each token's packed sample within its row (positions restart at 0 per sample)."""
+    return (position_ids == 0).cumsum(-1)
+
+
+def _entity_tables(entity_ids: torch.Tensor, graph: InteractionGraph) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local [B, L]: each token's ID numbered 1.. within its row, 0 for text; related [B, E + 1, E + 1]: whether
+    two numbered IDs may see each other, text (0) seeing and seen by everything)."""
+    local = torch.zeros_like(entity_ids)
+    tables = []
+    for r in range(entity_ids.shape[0]):
         keys = entity_ids[r]
         present = torch.unique(keys[keys != 0]).tolist()
-        if len(present) < 2:
-            continue
-        local = torch.zeros_like(keys)
         for n, k in enumerate(present, start=1):
-            local[keys == k] = n
+            local[r][keys == k] = n
         table = torch.ones(len(present) + 1, len(present) + 1, dtype=torch.bool)
         for i, a in enumerate(present, start=1):
             for j, c in enumerate(present, start=1):
                 if j > i:
                     table[i, j] = table[j, i] = graph.related(a, c)
-        table = table.to(keys.device)
-        allowed[r] &= table[local.unsqueeze(-1), local.unsqueeze(-2)]
+        tables.append(table)
+    width = max(len(t) for t in tables)
+    related = torch.ones(len(tables), width, width, dtype=torch.bool)
+    for r, table in enumerate(tables):
+        related[r, :len(table), :len(table)] = table
+    return local, related.to(entity_ids.device)
+
+
+def visibility_mask(position_ids: torch.Tensor, entity_ids: torch.Tensor, graph: InteractionGraph,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, L, L] additive mask: causal, within one packed sample (positions restart at 0), and between
+    tokens of two different IDs only when ``graph`` relates them."""
+    b, length = position_ids.shape
+    segment = _segments(position_ids)
+    local, related = _entity_tables(entity_ids, graph)
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    rows = torch.arange(b, device=position_ids.device).view(b, 1, 1)
+    allowed = (causal & (segment.unsqueeze(-1) == segment.unsqueeze(-2))
+               & related[rows, local.unsqueeze(-1), local.unsqueeze(-2)])
     mask = torch.zeros(b, 1, length, length, dtype=dtype, device=position_ids.device)
     return mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
+
+
+def visibility_mask_mod(position_ids: torch.Tensor, entity_ids: torch.Tensor, graph: InteractionGraph):
+    """The mask of ``visibility_mask`` as a FlexAttention ``mask_mod(b, h, q, kv) -> bool``, read from [B, L]
+    tensors and the small relation table, never an L x L one: ``create_block_mask(mod, B, None, L, L)`` makes
+    the block-sparse mask that lets fused kernels skip whole blocks."""
+    segment = _segments(position_ids)
+    local, related = _entity_tables(entity_ids, graph)
+
+    def mask_mod(b, h, q, kv):
+        return (kv <= q) & (segment[b, q] == segment[b, kv]) & related[b, local[b, q], local[b, kv]]
+
+    return mask_mod
 
 
 def tokenize_with_entities(tokenizer, prompt: str, response: str, seq_len: int,
