@@ -64,20 +64,21 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def meta_model(cfg, new_tokens: int):
-    """The configured architecture on the meta device with ``new_tokens`` more vocabulary rows."""
+def meta_model(cfg, new_tokens: int, shape=None):
+    """The configured architecture (or ``shape``, a ``LlamaShape`` that no size names) on the meta device with
+    ``new_tokens`` more vocabulary rows."""
     import torch
     from transformers import LlamaForCausalLM
 
     from trainers import models
 
     shapes = {"llama2_7b": models.LLAMA2_7B, "llama2_13b": models.LLAMA2_13B, "smollm2_135m": models.SMOLLM2_135M}
-    if cfg.model.size == "tiny":
+    if shape is None and cfg.model.size == "tiny":
         t = cfg.model.tiny
         vocab = len(json.loads((models.TINY_TOKENIZER_DIR / "tokenizer.json").read_text())["model"]["vocab"])
         shape = models.LlamaShape(t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads, t.intermediate_size,
                                   vocab, t.max_position_embeddings, t.tie_embeddings)
-    else:
+    elif shape is None:
         shape = shapes[cfg.model.size]
     import dataclasses
 
@@ -100,14 +101,16 @@ def trainable_count(model, shape, cfg, new_tokens: int) -> int:
     return lora + rows
 
 
-def plan_memory(cfg, new_tokens: int) -> MemoryPlan:
+def plan_memory(cfg, new_tokens: int, shape=None) -> MemoryPlan:
+    """Per-GPU memory of the configured run; ``shape`` replaces ``model.size``'s shape (the GPU suite plans
+    Llama-3.1-8B this way)."""
     from trainers.deepspeed_engine import deepspeed_config, zero_stage
 
     t = cfg.train
     repo = Path(__file__).resolve().parents[1]
     ds_path = Path(t.deepspeed_config) if Path(t.deepspeed_config).is_absolute() else repo / t.deepspeed_config
     stage = zero_stage(deepspeed_config(t, str(ds_path), bf16=t.use_gpu))
-    model, shape = meta_model(cfg, new_tokens)
+    model, shape = meta_model(cfg, new_tokens, shape)
     total = sum(p.numel() for p in model.parameters())
     trainable = trainable_count(model, shape, cfg, new_tokens)
     n = t.num_workers
