@@ -84,6 +84,13 @@ class InteractionGraph:
         lo, hi = min(a, b), max(a, b)
         return ((lo + (1 << 30)) << 31) | (hi + (1 << 30))
 
+    def related_pairs(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """``related`` for arrays of entity-key pairs at once."""
+        keys = self._keys(np.asarray(a, np.int64), np.asarray(b, np.int64))
+        i = np.minimum(np.searchsorted(self._pairs, keys), max(len(self._pairs) - 1, 0))
+        found = self._pairs[i] == keys if len(self._pairs) else np.zeros(len(keys), bool)
+        return found | (np.asarray(a) == np.asarray(b))
+
     def related(self, a: int, b: int) -> bool:
         if a == b:
             return True
@@ -107,12 +114,10 @@ def _entity_tables(entity_ids: torch.Tensor, graph: InteractionGraph) -> tuple[t
         present = torch.unique(keys[keys != 0]).tolist()
         for n, k in enumerate(present, start=1):
             local[r][keys == k] = n
-        table = torch.ones(len(present) + 1, len(present) + 1, dtype=torch.bool)
-        for i, a in enumerate(present, start=1):
-            for j, c in enumerate(present, start=1):
-                if j > i:
-                    table[i, j] = table[j, i] = graph.related(a, c)
-        tables.append(table)
+        table = np.ones((len(present) + 1, len(present) + 1), dtype=bool)
+        i, j = np.triu_indices(len(present), k=1)
+        table[i + 1, j + 1] = table[j + 1, i + 1] = graph.related_pairs(np.array(present)[i], np.array(present)[j])
+        tables.append(torch.from_numpy(table))
     width = max(len(t) for t in tables)
     related = torch.ones(len(tables), width, width, dtype=torch.bool)
     for r, table in enumerate(tables):
