@@ -152,6 +152,8 @@ def test_flex_mask_mod_equals_the_sdpa_mask_on_random_packed_rows():
     dense = visibility_mask(pos, ent, g, torch.float32)[:, 0] == 0
     flex = create_mask(visibility_mask_mod(pos, ent, g), rows, None, length, length, device="cpu")[:, 0]
     assert torch.equal(flex, dense)
+    padded = visibility_mask_mod(pos, ent, g, table_size=length + 1)  # fixed shapes for a compiled kernel
+    assert torch.equal(create_mask(padded, rows, None, length, length, device="cpu")[:, 0], dense)
     segment = (pos == 0).cumsum(-1)
     packed_causal = torch.ones(length, length, dtype=torch.bool).tril() & (segment[:, :, None] == segment[:, None, :])
     assert (packed_causal & ~dense)[:2].any()  # unrelated IDs really are hidden from each other

@@ -104,9 +104,10 @@ def _segments(position_ids: torch.Tensor) -> torch.Tensor:
     return (position_ids == 0).cumsum(-1)
 
 
-def _entity_tables(entity_ids: torch.Tensor, graph: InteractionGraph) -> tuple[torch.Tensor, torch.Tensor]:
-    """(local [B, L]: each token's ID numbered 1.. within its row, 0 for text; related [B, E + 1, E + 1]: whether
-    two numbered IDs may see each other, text (0) seeing and seen by everything)."""
+def _entity_tables(entity_ids: torch.Tensor, graph: InteractionGraph,
+                   table_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local [B, L]: each token's ID numbered 1.. within its row, 0 for text; related [B, E + 1, E + 1], or
+    [B, table_size, table_size]: whether two numbered IDs may see each other, text (0) seeing everything)."""
     local = torch.zeros_like(entity_ids)
     tables = []
     for r in range(entity_ids.shape[0]):
@@ -119,6 +120,10 @@ def _entity_tables(entity_ids: torch.Tensor, graph: InteractionGraph) -> tuple[t
         table[i + 1, j + 1] = table[j + 1, i + 1] = graph.related_pairs(np.array(present)[i], np.array(present)[j])
         tables.append(torch.from_numpy(table))
     width = max(len(t) for t in tables)
+    if table_size is not None:
+        if table_size < width:
+            raise ValueError(f"table_size {table_size} < {width} (IDs in the busiest row + 1)")
+        width = table_size
     related = torch.ones(len(tables), width, width, dtype=torch.bool)
     for r, table in enumerate(tables):
         related[r, :len(table), :len(table)] = table
@@ -140,12 +145,14 @@ def visibility_mask(position_ids: torch.Tensor, entity_ids: torch.Tensor, graph:
     return mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
 
 
-def visibility_mask_mod(position_ids: torch.Tensor, entity_ids: torch.Tensor, graph: InteractionGraph):
+def visibility_mask_mod(position_ids: torch.Tensor, entity_ids: torch.Tensor, graph: InteractionGraph,
+                        table_size: int | None = None):
     """The mask of ``visibility_mask`` as a FlexAttention ``mask_mod(b, h, q, kv) -> bool``, read from [B, L]
     tensors and the small relation table, never an L x L one: ``create_block_mask(mod, B, None, L, L)`` makes
-    the block-sparse mask that lets fused kernels skip whole blocks."""
+    the block-sparse mask that lets fused kernels skip whole blocks. A fixed ``table_size`` (L + 1 always
+    suffices) keeps the tensors' shapes the same from batch to batch, so a compiled kernel is not rebuilt."""
     segment = _segments(position_ids)
-    local, related = _entity_tables(entity_ids, graph)
+    local, related = _entity_tables(entity_ids, graph, table_size)
 
     def mask_mod(b, h, q, kv):
         return (kv <= q) & (segment[b, q] == segment[b, kv]) & related[b, local[b, q], local[b, kv]]
