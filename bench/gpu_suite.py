@@ -250,7 +250,7 @@ def run(cases: list[Case], budget_s: float, started: float, write: Callable[[lis
             except work.Unavailable as exc:
                 row = {"case": case.name, "status": f"unavailable: {exc}"}
             except Exception as exc:  # the suite records a failing case and goes on
-                row = {"case": case.name, "status": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+                row = {"case": case.name, "status": f"error: {type(exc).__name__}: {work.first_line(exc)}"}
             gc.collect()  # the failed case's frames (and the tensors they held) are gone with its exception
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -296,6 +296,11 @@ def run_suite(args, started: float) -> int:
         raise SystemExit("--device cuda: CUDA is not available (use --device cpu --smoke)")
     profile = SMOKE if args.smoke else FULL
     torch.manual_seed(0)
+    # FlexAttention is compiled once per model shape and mask function (packed, visibility): more than dynamo's
+    # default of 8 recompiles in one run, after which it would fall back to the unfused (L x L) path.
+    for name, limit in (("recompile_limit", 64), ("accumulated_recompile_limit", 1024)):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, limit)
     ws = Workspace(profile, args.device)
     cases = planned_cases(ws)
     if args.cases:

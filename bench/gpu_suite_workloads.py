@@ -39,6 +39,10 @@ class Unavailable(RuntimeError):
     """The machine lacks what a case needs (a kernel, a package, CUDA); recorded as such, not as a failure."""
 
 
+def first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:300]
+
+
 # ------------------------------------------------------------------------------------------------ models
 
 def build(name: str, new_tokens: list[str], device: str, dtype: str):
@@ -66,7 +70,7 @@ def set_attention(model, attention: str) -> None:
     try:
         base.set_attn_implementation(name)
     except (ImportError, ValueError) as exc:
-        raise Unavailable(f"{name}: {str(exc).splitlines()[0]}") from None
+        raise Unavailable(f"{name}: {first_line(exc)}") from None
 
 
 # ------------------------------------------------------------------------------------------ packed rows
@@ -139,8 +143,8 @@ def attach_visibility(batches: list[PackedBatch], graph: InteractionGraph, atten
             from torch.nn.attention.flex_attention import create_block_mask
 
             b, length = pos.shape
-            batch.attention_mask = create_block_mask(visibility_mask_mod(pos, ent, graph), b, None, length, length,
-                                                     device=device)
+            mask_mod = visibility_mask_mod(pos, ent, graph, table_size=length + 1)
+            batch.attention_mask = create_block_mask(mask_mod, b, None, length, length, device=device)
         else:
             batch.attention_mask = visibility_mask(pos, ent, graph, dtype)
     dense = sum(b.attention_mask.numel() * b.attention_mask.element_size() for b in batches
