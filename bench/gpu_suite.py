@@ -16,6 +16,7 @@ import gc
 import json
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -250,7 +251,8 @@ def run(cases: list[Case], budget_s: float, started: float, write: Callable[[lis
             except work.Unavailable as exc:
                 row = {"case": case.name, "status": f"unavailable: {exc}"}
             except Exception as exc:  # the suite records a failing case and goes on
-                row = {"case": case.name, "status": f"error: {type(exc).__name__}: {work.first_line(exc)}"}
+                row = {"case": case.name, "status": f"error: {type(exc).__name__}: {work.first_line(exc)}",
+                       "traceback": traceback.format_exc()[-2000:]}  # a GPU loan is too short to rerun for it
             gc.collect()  # the failed case's frames (and the tensors they held) are gone with its exception
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -266,7 +268,7 @@ def environment(device: str, profile_name: str, budget: float) -> dict:
     import peft
     import transformers
 
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, torch threads: {torch.get_num_threads()}"
     return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "transformers": transformers.__version__, "peft": peft.__version__, "profile": profile_name,
             "budget_s": budget, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

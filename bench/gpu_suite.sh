@@ -51,7 +51,7 @@ run() {
     mkdir -p "$out"
     # The suite stops starting cases at its --budget (540 s); the timeout only guards a case that hangs. Rows are
     # written after every case, so what finished comes back either way.
-    timeout -k 10 585 python3 bench/gpu_suite.py --device cuda --out "$out" "$@"
+    timeout -k 10 585 python3 bench/gpu_suite.py --device cuda --out "$out" "$@" 2>&1 | tee "$out/gpu_suite.log"
 }
 
 case "${1:-}" in
