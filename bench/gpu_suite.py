@@ -268,7 +268,8 @@ def environment(device: str, profile_name: str, budget: float) -> dict:
     import peft
     import transformers
 
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, torch threads: {torch.get_num_threads()}"
+    cuda = device.startswith("cuda")
+    name = torch.cuda.get_device_name() if cuda else f"CPU, torch threads: {torch.get_num_threads()}"
     return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "transformers": transformers.__version__, "peft": peft.__version__, "profile": profile_name,
             "budget_s": budget, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
