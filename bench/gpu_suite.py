@@ -5,7 +5,7 @@ ZeRO-2 step; random-init models, one process, no Ray. The work itself is in benc
 
     python bench/gpu_suite.py --device cuda --out runs/gpu_suite        # everything, within --budget seconds
     python bench/gpu_suite.py --device cuda --out runs/gpu_suite --cases 7b,deepspeed
-    python bench/gpu_suite.py --device cpu --smoke --out /tmp/gpu_suite  # tiny shapes, seconds (tests/test_gpu_suite.py)
+    python bench/gpu_suite.py --device cpu --smoke --out /tmp/gpu_suite  # tiny shapes, seconds (in make test)
     bench/gpu_suite.sh run                                               # on a lent GPU, with the carried wheels
 """
 
@@ -104,7 +104,8 @@ class Workspace:
 
     def config(self, model: str, finetune: str, rows: int, checkpointing: bool):
         cuda = self.device.startswith("cuda")
-        overrides = [f"model.size={'llama2_7b' if model == 'llama3_8b' else model}", f"model.dtype={self.profile.dtype}",
+        size = "llama2_7b" if model == "llama3_8b" else model  # 8B: plan_memory gets its shape explicitly
+        overrides = [f"model.size={size}", f"model.dtype={self.profile.dtype}",
                      f"train.use_gpu={str(cuda).lower()}", "train.num_workers=1", "train.gpus_per_node=1",
                      f"train.micro_batch_size={rows}", f"train.seq_len={self.profile.seq_len}",
                      f"train.finetune={finetune}", f"train.gradient_checkpointing={str(checkpointing).lower()}",
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=540.0, help="seconds; cases not started by then are skipped")
     parser.add_argument("--cases", default="", help="comma-separated substrings: run only the cases naming one")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: 1 with --smoke, where tiny ops gain nothing from more, else torch's)")
+                        help="torch CPU threads (0: 1 with --smoke, where tiny ops gain nothing from more; "
+                             "else torch's default)")
     args = parser.parse_args(argv)
     started, threads = time.monotonic(), torch.get_num_threads()
     if args.threads or args.smoke:

@@ -25,11 +25,14 @@ carry() {
     # PyPI has DeepSpeed only as an sdist. With no ops compiled (DS_BUILD_OPS=0, the default) it builds into a
     # pure-Python py3-none-any wheel; its setup.py imports torch, hence no build isolation (any torch will do).
     DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$CARRY" "$DEEPSPEED"
-    ls "$CARRY"/deepspeed-*-py3-none-any.whl >/dev/null || { echo "deepspeed did not build a py3-none-any wheel" >&2; exit 1; }
+    if ! ls "$CARRY"/deepspeed-*-py3-none-any.whl >/dev/null; then
+        echo "deepspeed did not build a py3-none-any wheel" >&2
+        exit 1
+    fi
     ls -l "$CARRY"
     local bytes
     bytes=$(du -sb "$CARRY" | cut -f1)
-    echo "carry folder $CARRY: $(( bytes / 1024 )) KiB ($(awk "BEGIN {printf \"%.2f\", $bytes / 1048576}") MiB; limit $LIMIT_MIB MiB)"
+    echo "carry folder $CARRY: $(awk "BEGIN {printf \"%.2f\", $bytes / 1048576}") MiB (limit $LIMIT_MIB MiB)"
     if (( bytes > LIMIT_MIB * 1024 * 1024 )); then
         echo "over the $LIMIT_MIB MiB a device call can carry" >&2
         exit 1
@@ -39,7 +42,8 @@ carry() {
 run() {
     local site=${RECLLM_GPU_SITE:-/tmp/recllm_gpu_site} out=${OUT:-runs/gpu_suite}
     if ls "$CARRY"/*.whl >/dev/null 2>&1; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$CARRY"/*.whl
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+            "$CARRY"/*.whl
         export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     else
         echo "no wheels in $CARRY (run 'bench/gpu_suite.sh carry' here and carry it): the DeepSpeed case will say so"
@@ -47,7 +51,7 @@ run() {
     export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
     export TORCH_EXTENSIONS_DIR=/tmp/recllm_torch_extensions
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-    python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+    python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
     mkdir -p "$out"
     # The suite stops starting cases at its --budget (540 s); the timeout only guards a case that hangs. Rows are
     # written after every case, so what finished comes back either way.

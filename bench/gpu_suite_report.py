@@ -21,7 +21,8 @@ def training_table(rows: list[dict]) -> list[str]:
         if not r["case"].startswith(("train", "deepspeed")):
             continue
         lines.append(f"| {r['case']} | {_num(r.get('tokens_per_s'))} | {_pct(r.get('mfu'))} "
-                     f"| {_num(r.get('model_flops_per_token'), '{:.3g}')} | {_num(r.get('peak_allocated_gib'), '{:.2f}')} "
+                     f"| {_num(r.get('model_flops_per_token'), '{:.3g}')} "
+                     f"| {_num(r.get('peak_allocated_gib'), '{:.2f}')} "
                      f"| {_num(r.get('plan_live_gib'), '{:.2f}')} | {_num(r.get('measured_over_plan'), '{:.2f}')} "
                      f"| {r['status']} |")
     return lines
