@@ -7,7 +7,7 @@ export RAY_ENABLE_UV_RUN_RUNTIME_ENV ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo test test-slow bench gpu-carry clean
 
 $(STAMP): requirements.txt setup.py
 	python3 -m venv $(VENV)
@@ -30,6 +30,9 @@ test-slow: venv
 
 bench: venv
 	$(PY) bench/loader.py
+
+gpu-carry: venv
+	PYTHON=$(PY) bench/gpu_suite.sh carry
 
 clean:
 	rm -rf runs .torch_extensions

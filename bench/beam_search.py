@@ -212,10 +212,10 @@ def closest_cut(model, prompt: list[int], trie: CodeTrie, num_beams: int) -> flo
 
 def report_agreement(model, prompt_ids: list[list[int]], trie: CodeTrie, token_ids: list[list[int]],
                      ours: torch.Tensor, ours_scores: torch.Tensor, theirs: torch.Tensor, num_beams: int,
-                     tolerance: float = 1e-4) -> None:
+                     tolerance: float = 1e-4) -> dict:
     """Identical sets / lists; for the users where the lists differ, whether both lists score the same under an
     uncached full-sequence recomputation (a final tie broken by rounding) and how close the closest call at a
-    beam cutoff was (an earlier tie: the two searches kept different beams)."""
+    beam cutoff was (an earlier tie: the two searches kept different beams). Prints them and returns them."""
     users, top_k = ours.shape
     same_set = same_list = ties = 0
     worst_gap = worst_error = widest_cut = 0.0
@@ -237,6 +237,9 @@ def report_agreement(model, prompt_ids: list[list[int]], trie: CodeTrie, token_i
         print(f"  {users - same_list} users' lists differ: {ties} only by items whose recomputed scores tie within "
               f"{tolerance:g} (largest score gap {worst_gap:.2e}); each has a beam cutoff where the kept and the "
               f"dropped beam differ by at most {widest_cut:.1e} (float32 resolution at |score| ~ 20 is ~2e-6)")
+    return {"users": users, "identical_sets": same_set / users, "identical_lists": same_list / users,
+            "differing_by_ties": ties, "max_score_error": worst_error, "largest_gap": worst_gap,
+            "widest_beam_cut": widest_cut}
 
 
 if __name__ == "__main__":

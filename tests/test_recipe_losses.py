@@ -13,7 +13,8 @@ from trainers.recipes.contrastive_losses import (contrastive_ce, hfm_loss, icl_l
                                                  mean_pool)
 from trainers.recipes.restricted_softmax import mutual_regularization, restricted_lm_loss
 from trainers.recipes.visibility import (EntityIndex, InteractionGraph, item_key, token_entities,
-                                         tokenize_with_entities, user_key, visibility_mask)
+                                         tokenize_with_entities, user_key, visibility_mask,
+                                         visibility_mask_mod)
 
 
 def test_contrastive_ce_by_hand():
@@ -132,6 +133,31 @@ def test_visibility_mask_by_hand():
     assert not visible[1, 2]  # causal
     assert not visible[6, 5] and not visible[7, 4] and visible[7, 6]  # packed samples stay apart
     assert mask[4, 1].item() == torch.finfo(torch.float32).min
+
+
+def test_flex_mask_mod_equals_the_sdpa_mask_on_random_packed_rows():
+    """The FlexAttention form (per-token tensors + relation table) allows exactly what the dense mask allows,
+    on rows with different numbers of samples and IDs (the relation tables are padded to the widest row)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    gen = torch.Generator().manual_seed(3)
+    g = InteractionGraph([[0, 1, 2], [2, 3], [5, 6, 7, 8]], users=[0, 1, 2])
+    rows, length = 3, 48
+    pos = torch.cat([torch.cat([torch.arange(n) for n in (10, 7, 20, 11)]).view(1, -1),
+                     torch.cat([torch.arange(n) for n in (30, 18)]).view(1, -1),
+                     torch.arange(length).view(1, -1)])
+    ent = torch.randint(0, 10, (rows, length), generator=gen)
+    ent[2] = 0  # a row of text only
+    ent[ent > 0] = ent[ent > 0] - 1  # keys 1..9 -> item keys of items 0..8, and more text
+    dense = visibility_mask(pos, ent, g, torch.float32)[:, 0] == 0
+    flex = create_mask(visibility_mask_mod(pos, ent, g), rows, None, length, length, device="cpu")[:, 0]
+    assert torch.equal(flex, dense)
+    padded = visibility_mask_mod(pos, ent, g, table_size=length + 1)  # fixed shapes for a compiled kernel
+    assert torch.equal(create_mask(padded, rows, None, length, length, device="cpu")[:, 0], dense)
+    segment = (pos == 0).cumsum(-1)
+    packed_causal = torch.ones(length, length, dtype=torch.bool).tril() & (segment[:, :, None] == segment[:, None, :])
+    assert (packed_causal & ~dense)[:2].any()  # unrelated IDs really are hidden from each other
+    assert dense[2].equal(packed_causal[2])
 
 
 def test_visibility_mask_really_blocks_attention_in_hf_llama():

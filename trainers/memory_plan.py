@@ -70,11 +70,14 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def model_shape(model_cfg):
-    """(label, Hugging Face config before the new tokens) of the configured model. With a checkpoint, its
-    config.json alone (any size: a named one was checked to match it); otherwise the built-in shape."""
+def model_shape(model_cfg, shape=None):
+    """(label, Hugging Face config before the new tokens) of the configured model. ``shape`` (a ``LlamaShape``
+    no size names, as the GPU suite plans Llama-3.1-8B) wins; then a checkpoint's config.json alone (any size: a
+    named one was checked to match it); otherwise the built-in shape."""
     from trainers import models
 
+    if shape is not None:
+        return "custom shape", shape.llama_config()
     if model_cfg.checkpoint:
         config = models.checkpoint_config(model_cfg.checkpoint)
         return f"{config.model_type} ({Path(model_cfg.checkpoint) / 'config.json'})", config
@@ -121,14 +124,16 @@ def _row_params(config) -> int:
     return config.hidden_size * (1 if config.tie_word_embeddings else 2)
 
 
-def plan_memory(cfg, new_tokens: int) -> MemoryPlan:
+def plan_memory(cfg, new_tokens: int, shape=None) -> MemoryPlan:
+    """Per-GPU memory of the configured run; ``shape`` replaces ``model.size``'s shape (the GPU suite plans
+    Llama-3.1-8B this way)."""
     from trainers.deepspeed_engine import deepspeed_config, zero_stage
 
     t = cfg.train
     repo = Path(__file__).resolve().parents[1]
     ds_path = Path(t.deepspeed_config) if Path(t.deepspeed_config).is_absolute() else repo / t.deepspeed_config
     stage = zero_stage(deepspeed_config(t, str(ds_path), bf16=t.use_gpu))
-    label, config = model_shape(cfg.model)
+    label, config = model_shape(cfg.model, shape)
     model = meta_model(config, new_tokens)
     total = sum(p.numel() for p in model.parameters())
     trainable = trainable_count(model, config, cfg, new_tokens)

@@ -336,22 +336,33 @@ def _llama2(shape: LlamaShape, size: str, new_tokens: Sequence[str], *, checkpoi
     device = device or ("cpu" if checkpoint else "meta")
     if checkpoint and device == "meta":
         raise ValueError(f"{size}: device 'meta' with checkpoint {checkpoint!r} would drop the loaded weights")
+    if not checkpoint:
+        return random_llama(shape, new_tokens, dtype=dtype, attn_implementation=attn_implementation, device=device,
+                            new_token_init=new_token_init, new_token_noise=new_token_noise, seed=seed), None
     torch_dtype = _torch_dtype(dtype)
     attn = attention_implementation(attn_implementation, torch_dtype)
-    if checkpoint:
-        model = _load_checkpoint(checkpoint, shape, size, torch_dtype, attn).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint) if _has_tokenizer(checkpoint) else None
-        if tokenizer is None:
-            log.warning("%s has no tokenizer files: new tokens take the ids after the vocabulary", checkpoint)
-    else:
-        tokenizer = None
-        with torch.random.fork_rng(devices=[]), torch.device(device):
-            torch.manual_seed(seed)
-            model = LlamaForCausalLM._from_config(shape.llama_config(bos_token_id=1, eos_token_id=2),
-                                                  dtype=torch_dtype, attn_implementation=attn)
+    model = _load_checkpoint(checkpoint, shape, size, torch_dtype, attn).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint) if _has_tokenizer(checkpoint) else None
+    if tokenizer is None:
+        log.warning("%s has no tokenizer files: new tokens take the ids after the vocabulary", checkpoint)
     extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, init=new_token_init,
                       noise=new_token_noise, seed=seed)
     return model, tokenizer
+
+
+def random_llama(shape: LlamaShape, new_tokens: Sequence[str] = (), *, dtype: str | torch.dtype = "bfloat16",
+                 attn_implementation: str = "auto", device: str = "meta", new_token_init: str = "mean",
+                 new_token_noise: float = 0.01, seed: int = 0) -> PreTrainedModel:
+    """A random-init LLaMA of ``shape`` built directly on ``device`` (meta: shapes only; cuda: weights drawn on
+    the GPU, seconds for 7B), no tokenizer: ``new_tokens`` take the ids after the vocabulary, in order."""
+    torch_dtype = _torch_dtype(dtype)
+    attn = attention_implementation(attn_implementation, torch_dtype)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM._from_config(shape.llama_config(bos_token_id=1, eos_token_id=2),
+                                              dtype=torch_dtype, attn_implementation=attn)
+    extend_vocabulary(model, None, new_tokens, init=new_token_init, noise=new_token_noise, seed=seed)
+    return model
 
 
 def llama2_7b(new_tokens: Sequence[str] = (), *, checkpoint: str = "", token_texts: Mapping[str, str] | None = None,

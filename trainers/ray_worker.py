@@ -112,11 +112,9 @@ def _peak_flops(cfg) -> float:
         return cfg.peak_tflops * 1e12
     if not torch.cuda.is_available():
         return 0.0
-    name = torch.cuda.get_device_name()
-    for key, tflops in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40", 181.0), ("A10", 125.0)):
-        if key in name:
-            return tflops * 1e12
-    return 0.0
+    from trainers.flop_count import peak_bf16_flops
+
+    return peak_bf16_flops(torch.cuda.get_device_name())
 
 
 def train_loop_per_worker(config: dict) -> None:

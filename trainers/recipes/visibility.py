@@ -3,7 +3,8 @@ text) may attend to a token of another ID only when the two are related in the t
 (the user interacted with the item; two items were interacted with by one user). Text tokens see and are seen
 as usual. The result is an additive 4D mask (0 / dtype-min) that also keeps packed samples apart, which
 Hugging Face LLaMA hands unchanged to SDPA (and eager). Flash-attention kernels take no arbitrary mask, so
-the trainer runs this recipe with SDPA.
+the trainer runs this recipe with SDPA; ``visibility_mask_mod`` gives the same mask to FlexAttention (measured
+in ``bench/gpu_suite.py``).
 
 Entity keys: item i -> i + 1, user u -> -(u + 1), plain text -> 0.
 """
@@ -83,6 +84,13 @@ class InteractionGraph:
         lo, hi = min(a, b), max(a, b)
         return ((lo + (1 << 30)) << 31) | (hi + (1 << 30))
 
+    def related_pairs(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """``related`` for arrays of entity-key pairs at once."""
+        keys = self._keys(np.asarray(a, np.int64), np.asarray(b, np.int64))
+        i = np.minimum(np.searchsorted(self._pairs, keys), max(len(self._pairs) - 1, 0))
+        found = self._pairs[i] == keys if len(self._pairs) else np.zeros(len(keys), bool)
+        return found | (np.asarray(a) == np.asarray(b))
+
     def related(self, a: int, b: int) -> bool:
         if a == b:
             return True
@@ -91,31 +99,65 @@ class InteractionGraph:
         return bool(i < len(self._pairs) and self._pairs[i] == k)
 
 
+def _segments(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] index of each token's packed sample within its row (positions restart at 0 per sample)."""
+    return (position_ids == 0).cumsum(-1)
+
+
+def _entity_tables(entity_ids: torch.Tensor, graph: InteractionGraph,
+                   table_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local [B, L]: each token's ID numbered 1.. within its row, 0 for text; related [B, E + 1, E + 1], or
+    [B, table_size, table_size]: whether two numbered IDs may see each other, text (0) seeing everything)."""
+    local = torch.zeros_like(entity_ids)
+    tables = []
+    for r in range(entity_ids.shape[0]):
+        keys = entity_ids[r]
+        present = torch.unique(keys[keys != 0]).tolist()
+        for n, k in enumerate(present, start=1):
+            local[r][keys == k] = n
+        table = np.ones((len(present) + 1, len(present) + 1), dtype=bool)
+        i, j = np.triu_indices(len(present), k=1)
+        table[i + 1, j + 1] = table[j + 1, i + 1] = graph.related_pairs(np.array(present)[i], np.array(present)[j])
+        tables.append(torch.from_numpy(table))
+    width = max(len(t) for t in tables)
+    if table_size is not None:
+        if table_size < width:
+            raise ValueError(f"table_size {table_size} < {width} (IDs in the busiest row + 1)")
+        width = table_size
+    related = torch.ones(len(tables), width, width, dtype=torch.bool)
+    for r, table in enumerate(tables):
+        related[r, :len(table), :len(table)] = table
+    return local, related.to(entity_ids.device)
+
+
 def visibility_mask(position_ids: torch.Tensor, entity_ids: torch.Tensor, graph: InteractionGraph,
                     dtype: torch.dtype) -> torch.Tensor:
     """[B, 1, L, L] additive mask: causal, within one packed sample (positions restart at 0), and between
     tokens of two different IDs only when ``graph`` relates them."""
     b, length = position_ids.shape
-    segment = (position_ids == 0).cumsum(-1)
+    segment = _segments(position_ids)
+    local, related = _entity_tables(entity_ids, graph)
     causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
-    allowed = causal & (segment.unsqueeze(-1) == segment.unsqueeze(-2))
-    for r in range(b):
-        keys = entity_ids[r]
-        present = torch.unique(keys[keys != 0]).tolist()
-        if len(present) < 2:
-            continue
-        local = torch.zeros_like(keys)
-        for n, k in enumerate(present, start=1):
-            local[keys == k] = n
-        table = torch.ones(len(present) + 1, len(present) + 1, dtype=torch.bool)
-        for i, a in enumerate(present, start=1):
-            for j, c in enumerate(present, start=1):
-                if j > i:
-                    table[i, j] = table[j, i] = graph.related(a, c)
-        table = table.to(keys.device)
-        allowed[r] &= table[local.unsqueeze(-1), local.unsqueeze(-2)]
+    rows = torch.arange(b, device=position_ids.device).view(b, 1, 1)
+    allowed = (causal & (segment.unsqueeze(-1) == segment.unsqueeze(-2))
+               & related[rows, local.unsqueeze(-1), local.unsqueeze(-2)])
     mask = torch.zeros(b, 1, length, length, dtype=dtype, device=position_ids.device)
     return mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
+
+
+def visibility_mask_mod(position_ids: torch.Tensor, entity_ids: torch.Tensor, graph: InteractionGraph,
+                        table_size: int | None = None):
+    """The mask of ``visibility_mask`` as a FlexAttention ``mask_mod(b, h, q, kv) -> bool``, read from [B, L]
+    tensors and the small relation table, never an L x L one: ``create_block_mask(mod, B, None, L, L)`` makes
+    the block-sparse mask that lets fused kernels skip whole blocks. A fixed ``table_size`` (L + 1 always
+    suffices) keeps the tensors' shapes the same from batch to batch, so a compiled kernel is not rebuilt."""
+    segment = _segments(position_ids)
+    local, related = _entity_tables(entity_ids, graph, table_size)
+
+    def mask_mod(b, h, q, kv):
+        return (kv <= q) & (segment[b, q] == segment[b, kv]) & related[b, local[b, q], local[b, kv]]
+
+    return mask_mod
 
 
 def tokenize_with_entities(tokenizer, prompt: str, response: str, seq_len: int,
