@@ -44,9 +44,11 @@ def _ray_pin() -> str:
 
 
 def _fake_checkpoint(folder: Path) -> Path:
-    """A folder that passes model.checkpoint's check (a Hugging Face folder has a config.json)."""
+    """A folder that passes model.checkpoint's check: the LLaMA-2-7B config.json the manifests name, no weights."""
+    from trainers.models import LLAMA2_7B
+
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text("{}")
+    LLAMA2_7B.llama_config().save_pretrained(folder)
     return folder
 
 
