@@ -67,6 +67,8 @@ def stale_reason(holder: dict, max_age_s: float, mtime: float | None = None) -> 
 class RunLock:
     uri: str
     holder: dict
+    created_dir: str | None = None
+    """The local run_dir this lock had to create: removed again on release when the stage left it empty."""
 
     def release(self) -> None:
         """Remove the lock if it is still ours (a --break-lock by someone else may have replaced it)."""
@@ -74,6 +76,9 @@ class RunLock:
             if _read(self.uri)[0].get("nonce") == self.holder["nonce"]:
                 fs, path = storage.filesystem(self.uri)
                 fs.rm(path)
+        if self.created_dir:
+            with contextlib.suppress(OSError):  # not empty: the stage wrote its output there
+                os.rmdir(self.created_dir)
 
 
 def _read(uri: str) -> tuple[dict, float | None]:
@@ -121,9 +126,10 @@ def acquire(run_dir: str, stage: str, *, break_lock: bool = False, max_age_s: fl
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "started_unix": time.time(),
               "nonce": uuid.uuid4().hex}
     data = json.dumps(holder, indent=1).encode()
+    created_dir = run_dir if storage.is_local(run_dir) and not os.path.exists(run_dir) else None
     for _ in range(2):  # a second try only after breaking a stale lock
         if _create(uri, data):
-            return RunLock(uri, holder)
+            return RunLock(uri, holder, created_dir)
         try:
             other, mtime = _read(uri)
         except FileNotFoundError:
