@@ -1,6 +1,6 @@
 """Starting (or joining) the Ray session every Ray stage runs in: the streaming loaders, `train`, `infer` and
 the LoID trainer. Ray's own bookkeeping chatter (each worker's "Reporting training result" line, the placement
-group cleaner's State API warnings, Ray Data's execution plans) is silenced in every Ray process through a
+group cleaner's State API warnings, Ray Data's execution plans, torch.distributed's deprecation notices) is silenced in every Ray process through a
 worker setup hook and stays in Ray's session logs; what the stages print themselves (tqdm bars, validation
 rounds, warnings) still reaches the console. `RECLLM_RAY_VERBOSE=1` (the CLI's `-v`) keeps everything.
 """
@@ -31,12 +31,10 @@ def quiet_ray_logs() -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
     except ImportError:
         pass
-    try:
-        from ray.data import DataContext
+    import warnings
 
-        DataContext.get_current().enable_progress_bars = False
-    except ImportError:
-        pass
+    # torch.distributed's deprecation notice for the gloo/NCCL call DeepSpeed makes, once per worker
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
 def ray_train_log_level() -> str:
