@@ -61,7 +61,9 @@ def hf_trainer(run_dir: Path, overrides: list[str], tokens_per_step: float, step
     n = samples_per_batch * steps
     rows = [tokenize_sample(tokenizer, p, r, cfg.train.seq_len)
             for p, r in zip(table.column("prompt").to_pylist()[:n], table.column("response").to_pylist()[:n])]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from data_pipeline.samples.prompt_format import pad_token_id
+
+    pad = pad_token_id(tokenizer)
 
     class Samples(torch.utils.data.Dataset):
         def __len__(self):

@@ -31,7 +31,7 @@ from data_pipeline.samples.prompt_format import PromptFormat
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int | None = None) -> list[list[int]]:
-    """Token ids of each prompt as training saw it: BOS + ``frame_prompt(prompt)``, cut from the left to
+    """Token ids of each prompt as training saw it: BOS + ``PromptFormat().frame(prompt)``, cut from the left to
     ``max_prompt_tokens`` (BOS kept), as ``trainers.packing.tokenize_sample`` cuts long prompts."""
     return PromptFormat().prompt_ids(tokenizer, list(prompts), max_prompt_tokens)
 

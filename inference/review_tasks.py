@@ -20,6 +20,7 @@ import torch
 
 from data_pipeline import storage
 from data_pipeline.errors import DataError
+from data_pipeline.samples.prompt_format import PromptFormat, pad_token_id
 
 log = logging.getLogger("recllm.review_tasks")
 
@@ -76,8 +77,6 @@ def pick_scores(replies: list[str], targets: list[str], prompts: list[str]) -> d
 def left_padded(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts framed and tokenised exactly as in training (trainers.packing), left-padded so every
     continuation starts at the same column: (input_ids, attention_mask)."""
-    from data_pipeline.samples.prompt_format import PromptFormat, pad_token_id
-
     pad = pad_token_id(tokenizer)
     ids = PromptFormat().prompt_ids(tokenizer, prompts)
     width = max(len(x) for x in ids)
@@ -110,7 +109,7 @@ def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     """Greedy continuations of prompts framed and tokenised exactly as in training (trainers.packing)."""
     from tqdm import tqdm
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     out = []
     for s in tqdm(range(0, len(prompts), batch_size), desc="decode", unit="batch"):
         input_ids, mask = left_padded(tokenizer, prompts[s: s + batch_size])

@@ -77,7 +77,6 @@ def test_flop_count_is_the_hand_count_of_the_tiny_shape(smoke):
     per_layer = hidden * q_dim + 2 * hidden * kv_dim + q_dim * hidden + 3 * hidden * inter
     n = layers * per_layer + hidden * vocab  # 827,392: projections and the (tied) head, not the lookup
     row = rows["train tiny full sdpa ckpt=off"]
-    assert n == 827_392
     assert row["model_flops_per_token"] == pytest.approx(6 * n + 12 * layers * q_dim * row["mean_context"])
     lora = rows["train tiny lora sdpa ckpt=on"]  # frozen weights (4N) and a second forward (2N + 4 attention)
     assert lora["executed_flops_per_token"] == pytest.approx(6 * n + 16 * layers * q_dim * lora["mean_context"])

@@ -15,14 +15,9 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from data_pipeline.samples.prompt_format import PromptFormat, fit_sample, format_for_task  # noqa: F401
+from data_pipeline.samples.prompt_format import format_for_task
 
 IGNORE = -100
-
-
-def frame_prompt(prompt: str) -> str:
-    """The text the model sees before its answer; shared by training and inference."""
-    return PromptFormat().frame(prompt)
 
 
 @dataclass

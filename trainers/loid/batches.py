@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
+from data_pipeline.samples.prompt_format import pad_token_id
 
 
 @dataclass
@@ -45,7 +46,7 @@ class DomainReviews:
         texts = [t or "" for t in cols["text"]]
         self.tokens = [ids[:review_tokens] or [tokenizer.eos_token_id]
                        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
         self.num_users = int(self.user_ids.max()) + 1
         self.num_items = int(self.item_ids.max()) + 1
 

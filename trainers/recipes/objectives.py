@@ -24,6 +24,7 @@ from trainers.recipes.restricted_softmax import (grouped_token_loss, labelled_po
                                                  restricted_token_loss, token_groups)
 from trainers.recipes.visibility import visibility_mask
 from trainers.sft_objective import packed_lm_loss
+from data_pipeline.samples.prompt_format import pad_token_id
 
 log = logging.getLogger("recllm.train")
 
@@ -124,7 +125,7 @@ class ControlRecObjective(SFTObjective):
         if cfg.visibility and not data.entities.keys:
             raise ValueError("train.controlrec.visibility needs items named by their IDs (ids.scheme=subtoken or "
                              "atomic): no item name of this run looks like item_N or <item_N>")
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
         # Aux texts recur (the catalogue's descriptions, the instruction bank): tokenise each one once.
         self._token_cache: dict[str, list[int]] = {}
 

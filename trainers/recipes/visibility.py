@@ -163,14 +163,14 @@ def visibility_mask_mod(position_ids: torch.Tensor, entity_ids: torch.Tensor, gr
 def tokenize_with_entities(tokenizer, prompt: str, response: str, seq_len: int,
                            index: EntityIndex) -> tuple[list[int], int, list[int]]:
     """``packing.tokenize_sample`` plus the entity key of every token (same ids, same cuts)."""
-    from trainers.packing import fit_sample, frame_prompt
+    from data_pipeline.samples.prompt_format import PromptFormat, fit_sample
 
     def encode(text: str) -> tuple[list[int], list[int]]:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return enc["input_ids"], token_entities(enc["offset_mapping"], index.spans(text))
 
     head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_ids, prompt_ents = encode(frame_prompt(prompt))
+    prompt_ids, prompt_ents = encode(PromptFormat().frame(prompt))
     response_ids, response_ents = encode(response)
     ids, n_prompt = fit_sample(head, prompt_ids, response_ids, tokenizer.eos_token_id, seq_len)
     entities, _ = fit_sample([0] * len(head), prompt_ents, response_ents, 0, seq_len)
