@@ -1,14 +1,20 @@
-"""Local and s3:// paths through fsspec: read with UTF-8 checks, publish folders atomically.
+"""Local and s3:// paths through fsspec: read with UTF-8 and JSON checks, publish folders atomically.
 
-Every stage writes through here, so every output appears complete or not at all.
+Every stage writes through here, so every output appears complete or not at all: a write that fails (disk
+full, quota) is a WriteError naming the file, and a killed writer leaves only hidden temporaries, which the
+next writer of that folder removes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
+import json
+import os
 import posixpath
+import sys
 import uuid
 from typing import Iterator
 
@@ -16,7 +22,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, WriteError
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -50,12 +56,27 @@ def remove(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
+@contextlib.contextmanager
+def writing(uri: str, consequence: str = "") -> Iterator[None]:
+    """Turn an OSError raised while writing ``uri`` (ENOSPC, EDQUOT, EROFS, EACCES...) into a WriteError naming
+    it: the OS's own message often names no file at all."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        code = f" [{errno.errorcode.get(exc.errno, exc.errno)}]" if exc.errno else ""
+        raise WriteError(uri, f"cannot write: {reason}{code}{consequence}") from exc
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """One small file (a marker, a log): written whole by one put, so a reader sees all of it or nothing."""
     fs, path = filesystem(uri)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
+    with writing(uri):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(data)
 
 
 def upload_folder(local: str, uri: str) -> None:
@@ -104,6 +125,18 @@ def read_bytes(uri: str) -> bytes:
         raise DataError(uri, "expected a file, found a folder") from None
 
 
+def read_json(uri: str, missing: str = "file not found"):
+    """A JSON file's content. Absent (``missing`` says what to do about it) or not JSON is a DataError naming
+    the file, and the line where the JSON breaks."""
+    if not exists(uri):
+        raise DataError(uri, missing)
+    text = read_text(uri)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(uri, f"not valid JSON ({exc.msg}, column {exc.colno})", row=f"line {exc.lineno}") from None
+
+
 def read_text(uri: str) -> str:
     """Whole file as text; invalid UTF-8 is an error naming the line."""
     data = read_bytes(uri)
@@ -146,6 +179,30 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
+def verify_files(folder: str, files: dict[str, dict], manifest: str) -> None:
+    """Check that ``folder`` holds exactly the files ``manifest`` lists (``files``: rel -> {sha256, bytes}), with
+    those bytes: a shard copied in from another run, a missing, extra, truncated or edited one is a DataError."""
+    fs, root = filesystem(folder)
+    listed = set(files)
+    for rel in sorted(files):
+        uri = join(folder, rel)
+        entry = files[rel]
+        if not fs.exists(posixpath.join(root, rel)):
+            raise DataError(uri, f"listed in {manifest} but missing; rebuild this folder")
+        data = read_bytes(uri)
+        if "bytes" in entry and len(data) != entry["bytes"]:
+            raise DataError(uri, f"{len(data)} bytes, {manifest} records {entry['bytes']} (truncated, or from "
+                                 "another run); rebuild this folder", field="bytes")
+        if "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise DataError(uri, f"sha256 differs from {manifest} (from another run, or edited); rebuild this "
+                                 "folder", field="sha256")
+    manifest_name = posixpath.basename(manifest)
+    for path in sorted(fs.find(root)):
+        rel = posixpath.relpath(path, root)
+        if rel != manifest_name and rel not in listed and not posixpath.basename(rel).startswith("."):
+            raise DataError(join(folder, rel), f"not listed in {manifest} (from another run?); rebuild this folder")
+
+
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
@@ -156,24 +213,65 @@ def is_local(uri: str) -> bool:
     return _is_local(filesystem(uri)[0])
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Swap two local paths in one step (Linux renameat2 RENAME_EXCHANGE), so a reader or a SIGKILL never sees
+    ``b`` missing; False where this OS or filesystem cannot."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), a)
+
+
 class StagedFolder:
     """Files written under a hidden temporary folder, renamed to ``final`` only on ``publish()``.
 
-    Keeps a sha256 and row count of every file for the manifest.
+    Keeps a sha256 and row count of every file for the manifest. Hidden siblings ``.<name>.tmp-*`` are a
+    killed writer's leftovers (or an old copy on its way out) and ``.<name>.old-*`` a complete previous output
+    that a killed fallback publish moved aside; ``clear_leftovers`` tidies both. The run_dir lock makes the
+    caller the only writer of ``final``, so nothing else can be writing them.
     """
 
     def __init__(self, final: str):
         self.final = final.rstrip("/")
         self.fs, self.final_path = filesystem(self.final)
         parent, name = posixpath.split(self.final_path)
+        self.parent, self.name = parent, name
         self.tmp_path = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
         self.files: dict[str, dict] = {}
 
+    def _leftovers(self, kind: str) -> list[str]:
+        if not self.fs.exists(self.parent):
+            return []
+        return sorted(p for p in self.fs.glob(posixpath.join(self.parent, f".{self.name}.{kind}-*"))
+                      if p.rstrip("/") != self.tmp_path)
+
+    def clear_leftovers(self) -> None:
+        """Put back a complete previous output that a killed publish moved aside, and delete temporaries."""
+        old = self._leftovers("old")
+        if old and not self.fs.exists(self.final_path):
+            self.fs.mv(old.pop(), self.final_path, recursive=True)
+        for path in old + self._leftovers("tmp"):
+            self.fs.rm(path, recursive=True)
+
+    def _consequence(self) -> str:
+        return f"; nothing was published, {self.final} is as it was"
+
     def write_bytes(self, rel: str, data: bytes, rows: int | None = None) -> None:
         full = posixpath.join(self.tmp_path, rel)
-        self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
-        with self.fs.open(full, "wb") as f:
-            f.write(data)
+        with writing(join(self.final, rel), self._consequence()):
+            self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
+            with self.fs.open(full, "wb") as f:
+                f.write(data)
         self.files[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         if rows is not None:
             self.files[rel]["rows"] = rows
@@ -181,32 +279,37 @@ class StagedFolder:
     def put_file(self, rel: str, local_path: str) -> None:
         """A local file copied in (large weights stream rather than pass through memory)."""
         full = posixpath.join(self.tmp_path, rel)
-        self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
         digest, size = hashlib.sha256(), 0
         with open(local_path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
                 size += len(chunk)
-        self.fs.put_file(local_path, full)
+        with writing(join(self.final, rel), self._consequence()):
+            self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
+            self.fs.put_file(local_path, full)
         self.files[rel] = {"sha256": digest.hexdigest(), "bytes": size}
 
     def write_parquet(self, rel: str, table: pa.Table, row_group_size: int = 8192) -> None:
         self.write_bytes(rel, parquet_bytes(table, row_group_size), rows=table.num_rows)
 
     def publish(self) -> None:
-        if _is_local(self.fs):
-            self._publish_by_rename()
-        else:
-            self._publish_by_copy()
+        with writing(self.final, self._consequence()):
+            if _is_local(self.fs):
+                self._publish_by_rename()
+            else:
+                self._publish_by_copy()
 
     def _publish_by_rename(self) -> None:
-        old = None
-        if self.fs.exists(self.final_path):
-            old = self.final_path + f".old-{uuid.uuid4().hex[:8]}"
+        if not self.fs.exists(self.final_path):
+            self.fs.mv(self.tmp_path, self.final_path, recursive=True)
+        elif _exchange(self.tmp_path, self.final_path):
+            self.fs.rm(self.tmp_path, recursive=True)  # the previous output, now under the temporary name
+        else:  # two renames: a kill between them leaves the previous output whole under .old-, put back later
+            old = posixpath.join(self.parent, f".{self.name}.old-{uuid.uuid4().hex[:8]}")
             self.fs.mv(self.final_path, old, recursive=True)
-        self.fs.mv(self.tmp_path, self.final_path, recursive=True)
-        if old:
-            self.fs.rm(old, recursive=True)
+            self.fs.mv(self.tmp_path, self.final_path, recursive=True)
+            self.fs.mv(old, self.tmp_path, recursive=True)  # a half-deleted copy must never be named .old-
+            self.fs.rm(self.tmp_path, recursive=True)
 
     def _publish_by_copy(self) -> None:
         """Object stores have no rename: copy file by file, manifest.json last (readers wait for it)."""
@@ -225,8 +328,10 @@ class StagedFolder:
 
 @contextlib.contextmanager
 def staged_folder(final: str) -> Iterator[StagedFolder]:
-    """Write into a temporary folder; publish on success, delete on any error."""
+    """Write into a temporary folder; publish on success, delete on any error. A killed earlier writer's
+    leftovers are tidied first."""
     staged = StagedFolder(final)
+    staged.clear_leftovers()
     try:
         yield staged
     except BaseException:

@@ -5,6 +5,7 @@ a run. Re-running skips complete shards whose inputs are unchanged, so a crashed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import posixpath
@@ -153,21 +154,28 @@ def write_shard(topk_dir: str, task: ShardTask, user_ids: np.ndarray, histories:
                       "model_version": pa.array([model_version] * len(user_ids), pa.string())},
                      schema=TOPK_SCHEMA.with_metadata({"recllm_fingerprint": task.fingerprint, "recllm_settings": settings}))
     fs, folder = storage.filesystem(topk_dir)
-    fs.makedirs(folder, exist_ok=True)
     final = posixpath.join(folder, shard_name(task.shard))
     tmp = posixpath.join(folder, f".{shard_name(task.shard)}.tmp-{uuid.uuid4().hex[:8]}")
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-    fs.mv(tmp, final)
+    with storage.writing(storage.join(topk_dir, shard_name(task.shard)), "; the shard's previous file is as it was"):
+        fs.makedirs(folder, exist_ok=True)
+        try:
+            with fs.open(tmp, "wb") as f:
+                pq.write_table(table, f, compression="zstd")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                fs.rm(tmp)
+            raise
+        fs.mv(tmp, final)
     return {"shard": task.shard, "users": len(user_ids), "fingerprint": task.fingerprint}
 
 
 def write_success(topk_dir: str, manifest: dict) -> None:
     fs, folder = storage.filesystem(topk_dir)
     tmp = posixpath.join(folder, f".{SUCCESS}.tmp-{uuid.uuid4().hex[:8]}")
-    with fs.open(tmp, "w") as f:
-        f.write(json.dumps(manifest, indent=2))
-    fs.mv(tmp, posixpath.join(folder, SUCCESS))
+    with storage.writing(storage.join(topk_dir, SUCCESS)):
+        with fs.open(tmp, "w") as f:
+            f.write(json.dumps(manifest, indent=2))
+        fs.mv(tmp, posixpath.join(folder, SUCCESS))
 
 
 def remove_stale_temporaries(topk_dir: str) -> None:

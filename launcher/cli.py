@@ -7,6 +7,7 @@ Every command that writes into run_dir holds run_dir/.lock while it runs (data_p
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -14,7 +15,7 @@ import sys
 import threading
 import traceback
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, WriteError
 from launcher.config_schema import ConfigError
 from trainers.memory_plan import PlanError
 
@@ -30,8 +31,14 @@ READERS = {"plan", "infer", "evaluate", "evaluate-loid", "evaluate-reviews"}
 """Commands that run without run_dir/.lock; every other one (a new stage too) takes it."""
 FLAGS = {"--break-lock", "--debug", "-v"}
 """-v: Ray's, Ray Train's and DeepSpeed's own INFO lines on the console too (by default they stay in Ray's logs)."""
-USER_ERRORS = (ConfigError, DataError, PlanError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, PlanError, WriteError, FileNotFoundError)
 """What a user fixes (the stages raise FileNotFoundError for a missing input: `run recllm build-ids first`)."""
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+"""An OSError with one of these (full disk, quota, read-only) is one line too, wherever it was raised."""
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    return isinstance(exc, USER_ERRORS) or (isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS)
 
 
 @contextlib.contextmanager
@@ -113,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(argv[1], argv[2:])
         with _writer_lock(argv[0], cfg, "--break-lock" in flags):
             commands[argv[0]](cfg)
-    except USER_ERRORS as exc:
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
         if "--debug" in flags:
             traceback.print_exc()
         print(f"recllm {argv[0]}: error: {exc}", file=sys.stderr)
