@@ -35,6 +35,7 @@ log = logging.getLogger("recllm.sasrec")
 
 WEIGHTS_FILE = "model.safetensors"
 ARCHITECTURE_FILE = "sasrec.json"
+LOSSES_FILE = "losses.json"
 ARCHITECTURE_FORMAT = "recllm.sasrec/1"
 PAD = 0  # token 0 is padding; dense item_id i is token i + 1
 
@@ -428,13 +429,16 @@ def train_sasrec(dataset_dir: str, cfg: SASRecConfig, seed: int = 0, log_dir: st
 # Checkpoints: safetensors weights + a JSON architecture, never pickle
 
 
-def save_sasrec(model: SASRec, path_dir: str) -> None:
-    """Write ``path_dir``/{model.safetensors, sasrec.json}; the folder appears complete or not at all."""
+def save_sasrec(model: SASRec, path_dir: str, losses: list[float] | None = None) -> None:
+    """Write ``path_dir``/{model.safetensors, sasrec.json} (and losses.json when given); the folder appears
+    complete or not at all."""
     weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     arch = {"format": ARCHITECTURE_FORMAT, **asdict(model.arch)}
     with storage.staged_folder(path_dir) as staged:
         staged.write_bytes(WEIGHTS_FILE, safetensors.torch.save(weights))
         staged.write_bytes(ARCHITECTURE_FILE, json.dumps(arch, indent=2).encode())
+        if losses is not None:
+            staged.write_bytes(LOSSES_FILE, json.dumps(losses).encode())
 
 
 def load_sasrec(path_dir: str, device: str = "cpu") -> SASRec:
@@ -455,13 +459,10 @@ def cached_sasrec(dataset_dir: str, cfg: SASRecConfig, seed: int, cache_root: st
     key = hashlib.sha256(json.dumps([json.loads(manifest)["files"], asdict(cfg), seed], sort_keys=True)
                          .encode()).hexdigest()[:16]
     folder = storage.join(cache_root, key)
-    if storage.exists(storage.join(folder, ARCHITECTURE_FILE)):
-        losses = json.loads(storage.read_text(storage.join(folder, "losses.json")))
+    if storage.exists(storage.join(folder, LOSSES_FILE)):  # written with the weights: all there or none
+        losses = storage.read_json(storage.join(folder, LOSSES_FILE))
         log.info("SASRec from %s (trained by an earlier stage)", folder)
         return load_sasrec(folder), losses
     result = train_sasrec(dataset_dir, cfg, seed=seed)
-    save_sasrec(result.model, folder)
-    fs, path = storage.filesystem(storage.join(folder, "losses.json"))
-    with fs.open(path, "w") as f:
-        f.write(json.dumps(result.losses))
+    save_sasrec(result.model, folder, result.losses)
     return result.model, result.losses
