@@ -19,11 +19,14 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """Every problem found in a config, reported together."""
+    """Every problem found in a config, reported together: one line for one problem, else a list."""
 
     def __init__(self, problems: list[str], source: str = "config"):
         self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+        if len(problems) == 1:
+            super().__init__(f"{source}: {problems[0]}")
+        else:
+            super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def field_docs(cls: type) -> dict[str, str]:

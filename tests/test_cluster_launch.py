@@ -211,7 +211,7 @@ def test_submit_rejects_a_bad_config_before_sending(capsys, tmp_path):
     base = ["submit", "configs/demo.yaml", "--address", "http://127.0.0.1:9"]
     assert main([*base, f"run_dir={tmp_path}", "infer.top_k=many"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("recllm submit: error: configs/demo.yaml: 1 problem(s)") and "infer.top_k" in err
+    assert err.startswith("recllm submit: error: configs/demo.yaml: infer.top_k") and len(err.splitlines()) == 1
     # Paths that would not survive the trip: every problem at once.
     assert main([*base, "--env", "NOVALUE", "data.path=../elsewhere"]) == 2
     err = capsys.readouterr().err
