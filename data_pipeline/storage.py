@@ -179,28 +179,27 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
-def verify_files(folder: str, files: dict[str, dict], manifest: str) -> None:
+def verify_files(folder: str, files: dict[str, dict], manifest: str, rebuild: str) -> None:
     """Check that ``folder`` holds exactly the files ``manifest`` lists (``files``: rel -> {sha256, bytes}), with
-    those bytes: a shard copied in from another run, a missing, extra, truncated or edited one is a DataError."""
+    those bytes: a file from another run, or a missing, extra, truncated or edited one, is a DataError whose
+    message ends with ``rebuild`` (what to run)."""
     fs, root = filesystem(folder)
-    listed = set(files)
     for rel in sorted(files):
-        uri = join(folder, rel)
-        entry = files[rel]
+        uri, entry = join(folder, rel), files[rel]
         if not fs.exists(posixpath.join(root, rel)):
-            raise DataError(uri, f"listed in {manifest} but missing; rebuild this folder")
+            raise DataError(uri, f"listed in {manifest} but missing; {rebuild}")
         data = read_bytes(uri)
         if "bytes" in entry and len(data) != entry["bytes"]:
-            raise DataError(uri, f"{len(data)} bytes, {manifest} records {entry['bytes']} (truncated, or from "
-                                 "another run); rebuild this folder", field="bytes")
+            raise DataError(uri, f"{len(data)} bytes where {manifest} records {entry['bytes']} (truncated, or from "
+                                 f"another run); {rebuild}", field="bytes")
         if "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise DataError(uri, f"sha256 differs from {manifest} (from another run, or edited); rebuild this "
-                                 "folder", field="sha256")
+            raise DataError(uri, f"sha256 differs from the one {manifest} records (from another run, or edited); "
+                                 f"{rebuild}", field="sha256")
     manifest_name = posixpath.basename(manifest)
     for path in sorted(fs.find(root)):
         rel = posixpath.relpath(path, root)
-        if rel != manifest_name and rel not in listed and not posixpath.basename(rel).startswith("."):
-            raise DataError(join(folder, rel), f"not listed in {manifest} (from another run?); rebuild this folder")
+        if rel != manifest_name and rel not in files and not posixpath.basename(rel).startswith("."):
+            raise DataError(join(folder, rel), f"not listed in {manifest} (from another run?); {rebuild}")
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -26,6 +26,7 @@ from data_pipeline.item_ids.llm_text_targets import (TextEmbedder, TextTargetsUn
                                                     lm_text_embedder)
 from data_pipeline.item_ids.precomputed_ids import build_precomputed_ids, index_path_from_manifest
 from data_pipeline.item_ids.subtoken_ids import build_subtoken_ids
+from data_pipeline.prepare import read_manifest
 
 log = logging.getLogger("recllm.item_ids")
 
@@ -105,7 +106,7 @@ def _assign_only(ids: IdsConfig, run_dir: str, dataset_dir: str, items: pa.Table
     stats_uri = storage.join(source, STATS_FILE)
     if not storage.exists(stats_uri):
         raise DataError(source, "no item_ids/ to assign from; build one first or set ids.assign_from")
-    scheme = json.loads(storage.read_text(stats_uri)).get("scheme")
+    scheme = storage.read_json(stats_uri).get("scheme")
     if scheme != "semantic":
         raise DataError(source, f"assign_only needs a semantic item_ids/ (with a codebook), found scheme {scheme!r}")
     if item_embeddings is None:
@@ -153,7 +154,7 @@ def run_build_ids(ids: IdsConfig, run_dir: str, seed: int = 0, model_cfg=None, *
     """
     start = time.perf_counter()
     dataset_dir = storage.join(run_dir, "dataset")
-    manifest = json.loads(storage.read_text(storage.join(dataset_dir, "manifest.json")))
+    manifest = read_manifest(run_dir)
     items = storage.read_parquet(storage.join(dataset_dir, "items.parquet")).sort_by("item_id")
     seed = ids.seed if ids.seed is not None else seed
     if ids.scheme == "atomic":

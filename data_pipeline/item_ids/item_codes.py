@@ -7,18 +7,22 @@ scheme the item's text. ``codes`` are per-level code indices (semantic, precompu
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from data_pipeline import storage
+from data_pipeline.errors import DataError
 
 ITEM_CODES_FILE = "item_codes.parquet"
 USER_CODES_FILE = "user_codes.parquet"
 TOKENS_FILE = "tokens.json"
 CODEBOOK_FILE = "codebook.safetensors"
 STATS_FILE = "stats.json"
+ITEM_CODES_COLUMNS = ("item_id", "codes", "tokens")
+"""What every reader of item_codes.parquet needs; ``text`` is there for the subtoken scheme only."""
 
 
 def semantic_token(level: int, code: int) -> str:
@@ -60,7 +64,59 @@ def item_codes_table(items: pa.Table, codes: list[list[int]] | np.ndarray, token
 
 
 def read_item_codes(item_ids_dir: str) -> pa.Table:
-    return storage.read_parquet(storage.join(item_ids_dir, ITEM_CODES_FILE))
+    """item_codes.parquet; missing, unreadable or without one of ITEM_CODES_COLUMNS is a DataError naming it."""
+    uri = storage.join(item_ids_dir, ITEM_CODES_FILE)
+    if not storage.exists(uri):
+        raise DataError(uri, "no item codes; run `recllm build-ids` first")
+    table = storage.read_parquet(uri)
+    for name in ITEM_CODES_COLUMNS:
+        if name not in table.column_names:
+            raise DataError(uri, f"column missing (found {table.column_names}); rebuild with `recllm build-ids`",
+                            field=name)
+    return table
+
+
+def read_new_tokens(item_ids_dir: str) -> list[str]:
+    """tokens.json: the LM tokens build-ids added, a JSON list of distinct non-empty strings."""
+    uri = storage.join(item_ids_dir, TOKENS_FILE)
+    tokens = storage.read_json(uri, "not found; run `recllm build-ids` first")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) and t.strip() == t and t for t in tokens):
+        raise DataError(uri, "expected a JSON list of token strings (non-empty, no surrounding spaces); "
+                             "rebuild with `recllm build-ids`")
+    if len(set(tokens)) != len(tokens):
+        repeated = next(t for t, n in Counter(tokens).items() if n > 1)
+        raise DataError(uri, f"token {repeated!r} appears twice; rebuild with `recllm build-ids`")
+    return tokens
+
+
+def item_ids_files(stats: dict) -> dict[str, str]:
+    """rel -> sha256 of the files later stages read, from a stats.json: the samples manifest records them, and
+    train refuses samples whose item_ids/ was rebuilt since."""
+    return {rel: entry["sha256"] for rel, entry in stats.get("files", {}).items()
+            if rel in (ITEM_CODES_FILE, TOKENS_FILE, USER_CODES_FILE)}
+
+
+def read_item_ids_checked(item_ids_dir: str) -> tuple[pa.Table | None, list[str]]:
+    """(item_codes, new tokens) of an item_ids/ folder, read as train and infer start: both files readable,
+    every file stats.json lists there byte for byte (a file from another build-ids run is refused), and every
+    token an item's row names in tokens.json (subtoken rows name the LM's own pieces). item_codes is None only
+    where the folder neither has nor lists one (build-review-samples writes tokens alone)."""
+    tokens = read_new_tokens(item_ids_dir)
+    stats_uri = storage.join(item_ids_dir, STATS_FILE)
+    listed = (storage.read_json(stats_uri).get("files") or {}) if storage.exists(stats_uri) else {}
+    has_codes = ITEM_CODES_FILE in listed or storage.exists(storage.join(item_ids_dir, ITEM_CODES_FILE))
+    codes = read_item_codes(item_ids_dir) if has_codes else None
+    if listed:
+        storage.verify_files(item_ids_dir, listed, stats_uri, "rerun `recllm build-ids`")
+    if codes is None or ("text" in codes.column_names and codes.column("text").null_count == 0):
+        return codes, tokens
+    vocab = set(tokens)
+    for item, names in zip(codes.column("item_id").to_pylist(), codes.column("tokens").to_pylist()):
+        if not names or any(t not in vocab for t in names):
+            raise DataError(storage.join(item_ids_dir, TOKENS_FILE),
+                            f"item_id {item}'s tokens {names} in {ITEM_CODES_FILE} are not all in it: the two files "
+                            "come from different build-ids runs; rerun `recllm build-ids`")
+    return codes, tokens
 
 
 def code_matrix(table: pa.Table) -> np.ndarray:

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipeline import storage
-from data_pipeline.errors import DataError
 from data_pipeline.item_ids.atomic_ids import content_twin
-from data_pipeline.item_ids.item_codes import ITEM_CODES_FILE, STATS_FILE
+from data_pipeline.item_ids.item_codes import ITEM_CODES_FILE, STATS_FILE, TOKENS_FILE, item_ids_files, read_new_tokens
+from data_pipeline.prepare import read_manifest
 from data_pipeline.samples.config import TASKS, SamplesConfig
 from data_pipeline.samples.item_rendering import clean_text, item_names, read_item_ids, user_names
 from data_pipeline.samples.prompt_templates import templates_in_use
@@ -119,19 +119,18 @@ def write_sharded(staged: storage.StagedFolder, rel_dir: str, table: pa.Table, c
         staged.write_parquet(f"{rel_dir}/part-{k:05d}.parquet", part, cfg.row_group_size)
 
 
-def _scheme(item_ids_dir: str, fallback: str | None) -> str | None:
+def _item_ids_stats(item_ids_dir: str) -> dict:
+    """item_ids/stats.json (scheme, and the sha256 of every file build-ids wrote); {} where there is none."""
     uri = storage.join(item_ids_dir, STATS_FILE)
-    return json.loads(storage.read_text(uri)).get("scheme", fallback) if storage.exists(uri) else fallback
+    return storage.read_json(uri) if storage.exists(uri) else {}
 
 
 def build_samples(cfg: SamplesConfig, run_dir: str, seed: int, scheme: str | None = None) -> dict:
     """Build run_dir/samples/ from run_dir/dataset/ and run_dir/item_ids/; returns the manifest."""
     start = time.perf_counter()
     dataset_dir, ids_dir = storage.join(run_dir, "dataset"), storage.join(run_dir, "item_ids")
-    manifest_uri = storage.join(dataset_dir, "manifest.json")
-    if not storage.exists(manifest_uri):
-        raise DataError(manifest_uri, "no dataset; run `recllm prepare` first")
-    dataset_manifest = json.loads(storage.read_text(manifest_uri))
+    dataset_manifest = read_manifest(run_dir)
+    ids_stats = _item_ids_stats(ids_dir)
     items = storage.read_parquet(storage.join(dataset_dir, "items.parquet")).sort_by("item_id")
     num_users = int(dataset_manifest["counts"]["users"])
     item_codes, user_codes = read_item_ids(ids_dir, with_users=cfg.user_tokens)
@@ -162,8 +161,7 @@ def build_samples(cfg: SamplesConfig, run_dir: str, seed: int, scheme: str | Non
         elif task == "user_sequence":
             tasks[task] = user_sequence_samples(train, names, cfg.max_sequence_items)
         elif task == "content_lm":
-            tokens_uri = storage.join(ids_dir, "tokens.json")
-            tokens = json.loads(storage.read_text(tokens_uri)) if storage.exists(tokens_uri) else []
+            tokens = read_new_tokens(ids_dir) if storage.exists(storage.join(ids_dir, TOKENS_FILE)) else []
             c_names, c_users = content_names(names, users, tokens)
             tasks[task] = content_lm_samples(text, reviews, c_names, c_users, templates, rng,
                                              cfg.max_description_words)
@@ -188,8 +186,9 @@ def build_samples(cfg: SamplesConfig, run_dir: str, seed: int, scheme: str | Non
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "scheme": _scheme(ids_dir, scheme),
+            "scheme": ids_stats.get("scheme", scheme),
             "seed": seed,
+            "item_ids": item_ids_files(ids_stats),
             "config": dataclasses.asdict(cfg),
             "counts": {"train": {t: tb.num_rows for t, tb in zip(tasks, tables)} | {"total": train_table.num_rows},
                        "valid": {"sequential": valid_table.num_rows}},

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from data_pipeline import storage
 from data_pipeline.errors import DataError
-from data_pipeline.item_ids.item_codes import ITEM_CODES_FILE, USER_CODES_FILE
+from data_pipeline.item_ids.item_codes import USER_CODES_FILE, read_item_codes
 
 ANONYMOUS_USER = "the user"
 
@@ -50,10 +50,7 @@ def user_names(user_codes: pa.Table | None, num_users: int) -> list[str]:
 
 def read_item_ids(item_ids_dir: str, with_users: bool) -> tuple[pa.Table, pa.Table | None]:
     """(item_codes, user_codes or None) of an item_ids/ folder."""
-    codes_uri = storage.join(item_ids_dir, ITEM_CODES_FILE)
-    if not storage.exists(codes_uri):
-        raise DataError(codes_uri, "no item codes; run `recllm build-ids` first")
-    item_codes = storage.read_parquet(codes_uri)
+    item_codes = read_item_codes(item_ids_dir)
     users_uri = storage.join(item_ids_dir, USER_CODES_FILE)
     user_codes = storage.read_parquet(users_uri) if with_users and storage.exists(users_uri) else None
     return item_codes, user_codes

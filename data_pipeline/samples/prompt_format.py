@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 
 from data_pipeline import storage
+from data_pipeline.errors import DataError
 
 PROMPT_FORMAT_FILE = "prompt_format.json"
 STYLES = ("instruction", "sequence")
@@ -81,9 +82,10 @@ class PromptFormat:
         uri = storage.join(folder, PROMPT_FORMAT_FILE)
         if not storage.exists(uri):
             return cls()
-        fields = json.loads(storage.read_text(uri))
-        if fields.get("style") not in STYLES:
-            raise ValueError(f"{uri}: style {fields.get('style')!r}; expected one of {list(STYLES)}")
+        fields = storage.read_json(uri)
+        if not isinstance(fields, dict) or fields.get("style") not in STYLES:
+            style = fields.get("style") if isinstance(fields, dict) else None
+            raise DataError(uri, f"{style!r}; expected one of {list(STYLES)}", field="style")
         return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls) if f.name in fields})
 
 
