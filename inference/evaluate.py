@@ -13,18 +13,32 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipeline import storage
+from data_pipeline.errors import DataError
+from data_pipeline.prepare import dataset_fingerprint, read_manifest
 from inference.ranking_metrics import ranking_metrics
 from inference.topk_shards import SUCCESS
 
 log = logging.getLogger("recllm.evaluate")
 
 
-def read_topk(topk_dir: str) -> tuple[dict, pa.Table]:
+def read_topk(topk_dir: str, dataset_manifest: dict, test_users: list[int]) -> tuple[dict, pa.Table]:
+    """The top-K cache's _SUCCESS and rows, refused unless it is a complete test-mode run on this dataset: a
+    cache copied from another dataset (or made before `prepare` ran again) would be scored against targets it
+    never saw."""
     success = storage.join(topk_dir, SUCCESS)
-    if not storage.exists(success):
-        raise FileNotFoundError(f"{success}: no complete top-K run; run `recllm infer` first")
-    manifest = json.loads(storage.read_text(success))
-    return manifest, storage.read_parquet(topk_dir, columns=["user_id", "item_ids"]).sort_by("user_id")
+    manifest = storage.read_json(success, "no complete top-K run; run `recllm infer` first")
+    if manifest.get("mode") != "test":
+        raise DataError(success, f"a top-K run of mode {manifest.get('mode')!r}; evaluation needs infer.mode=test",
+                        field="mode")
+    here = dataset_fingerprint(dataset_manifest)
+    if manifest.get("dataset_sha256", here) != here:
+        raise DataError(success, f"top-K of another dataset ({manifest['dataset_sha256']}, this run_dir's is {here}); "
+                                 "re-run `recllm infer`", field="dataset_sha256")
+    topk = storage.read_parquet(topk_dir, columns=["user_id", "item_ids"]).sort_by("user_id")
+    if topk.column("user_id").to_pylist() != test_users:
+        raise DataError(topk_dir, "the top-K cache and the test split hold different users; re-run `recllm infer`",
+                        field="user_id")
+    return manifest, topk
 
 
 def topk_matrix(lists: list[list[int]], k: int) -> np.ndarray:
@@ -64,18 +78,14 @@ def run_evaluate(cfg) -> dict:
     ecfg = cfg.eval
     run_dir = cfg.run_dir
     dataset = storage.join(run_dir, "dataset")
-    manifest = json.loads(storage.read_text(storage.join(dataset, "manifest.json")))
+    manifest = read_manifest(run_dir)
     num_items = manifest["counts"]["items"]
     test = storage.read_parquet(storage.join(dataset, "sequences", "test")).sort_by("user_id")
     targets = test.column("target").to_numpy()
     histories = test.column("history").to_pylist()
     kmax = max(ecfg.ks)
 
-    topk_manifest, topk = read_topk(storage.join(run_dir, "topk"))
-    if topk_manifest.get("mode") != "test":
-        raise ValueError(f"top-K run was mode={topk_manifest.get('mode')}; evaluation needs infer.mode=test")
-    if topk.column("user_id").to_pylist() != test.column("user_id").to_pylist():
-        raise ValueError("the top-K cache and the test split hold different users; re-run `recllm infer`")
+    topk_manifest, topk = read_topk(storage.join(run_dir, "topk"), manifest, test.column("user_id").to_pylist())
     ours = topk_matrix(topk.column("item_ids").to_pylist(), kmax)
     models = {"recllm": recllm_metrics(ours, targets, num_items, ecfg.ks)}
     models["recllm"]["users_per_second"] = topk_manifest.get("users_per_second")

@@ -15,8 +15,13 @@ import time
 import numpy as np
 
 from data_pipeline import storage
-from data_pipeline.errors import DataError
+from data_pipeline.item_ids.item_codes import TOKENS_FILE, read_item_codes, read_item_ids_checked
+from data_pipeline.prepare import dataset_fingerprint, read_manifest
+from data_pipeline.samples.prompt_format import PromptFormat
 from inference import topk_shards as ts
+from trainers.model_files import check_trained_model, read_model_config
+
+MISSING_MODEL = "no model (config.json); run `recllm train` first, or set infer.model_dir"
 
 log = logging.getLogger("recllm.infer")
 
@@ -88,6 +93,18 @@ class ShardWorker:
         return np.asarray(todo, dtype=np.int64)
 
 
+def check_inputs(run_dir: str, model_dir: str) -> None:
+    """Everything the replicas will read, checked here before Ray starts: the model folder (family, weights,
+    vocabulary), item_ids/ (one build, the item codes there) and the prompt format saved with the model."""
+    read_model_config(model_dir, MISSING_MODEL)
+    item_ids_dir = storage.join(run_dir, "item_ids")
+    codes, tokens = read_item_ids_checked(item_ids_dir)
+    if codes is None:
+        read_item_codes(item_ids_dir)  # raises: infer names items by their codes
+    check_trained_model(model_dir, tokens, storage.join(item_ids_dir, TOKENS_FILE))
+    PromptFormat.load(model_dir)
+
+
 def run_infer(cfg) -> dict:
     import ray
 
@@ -96,10 +113,9 @@ def run_infer(cfg) -> dict:
     icfg = cfg.infer
     run_dir = cfg.run_dir if "://" in cfg.run_dir else os.path.abspath(cfg.run_dir)
     model_dir = icfg.model_dir or storage.join(run_dir, "model")
-    if not storage.exists(storage.join(model_dir, "config.json")):
-        raise DataError(model_dir, "no model (config.json); run `recllm train` first, or set infer.model_dir")
+    check_inputs(run_dir, model_dir)
     topk_dir = storage.join(run_dir, "topk")
-    manifest = json.loads(storage.read_text(storage.join(run_dir, "dataset", "manifest.json")))
+    manifest = read_manifest(run_dir)
     users = ts.users_to_score(run_dir, icfg.mode)
     recent = ts.recent_users(run_dir, icfg.since) if icfg.since is not None else None
     model_version = _model_version(model_dir)
@@ -137,7 +153,8 @@ def run_infer(cfg) -> dict:
             fs.rm(path)
     seconds = time.perf_counter() - t0
     scored = int(sum(r["scored"] for r in results))
-    summary = {"mode": icfg.mode, "model_version": model_version, "settings": settings, "users": num_users,
+    summary = {"mode": icfg.mode, "dataset_sha256": dataset_fingerprint(manifest), "model_version": model_version,
+               "settings": settings, "users": num_users,
                "shards": {ts.shard_name(t.shard): t.fingerprint for t in tasks},
                "shards_computed": len(todo), "users_scored": scored,
                "users_reused": int(sum(r["reused"] for r in results)), "seconds": round(seconds, 2),

@@ -12,23 +12,39 @@ from pathlib import Path
 
 from data_pipeline import storage
 from data_pipeline.errors import DataError
+from data_pipeline.item_ids.item_codes import STATS_FILE, TOKENS_FILE, item_ids_files, read_item_ids_checked
 from data_pipeline.ray_session import connect_ray, ray_train_log_level
 from data_pipeline.samples.prompt_format import PromptFormat
+from trainers.model_files import check_checkpoint
 
 log = logging.getLogger("recllm.train")
 
 
-def _read_json(uri: str, stage: str):
-    if not storage.exists(uri):
-        raise DataError(uri, f"not found; run `recllm {stage}` first")
-    return json.loads(storage.read_text(uri))
+def read_samples_manifest(run_dir: str, item_ids_dir: str) -> dict:
+    """samples/manifest.json, after checking that samples/ holds exactly the files it lists, byte for byte (a
+    shard from another run is refused) and that item_ids/ is the one the samples were written from."""
+    samples_dir = storage.join(run_dir, "samples")
+    uri = storage.join(samples_dir, "manifest.json")
+    manifest = storage.read_json(uri, "not found; run `recllm build-samples` first")
+    if manifest.get("files"):
+        storage.verify_files(samples_dir, manifest["files"], uri, "rerun `recllm build-samples`")
+    stats_uri = storage.join(item_ids_dir, STATS_FILE)
+    current = item_ids_files(storage.read_json(stats_uri)) if storage.exists(stats_uri) else {}
+    for rel, sha in manifest.get("item_ids", {}).items():
+        if rel in current and current[rel] != sha:
+            raise DataError(uri, f"samples were written from another item_ids/{rel} than {item_ids_dir} holds now "
+                                 "(build-ids ran again since); rerun `recllm build-samples`", field="item_ids")
+    return manifest
 
 
 def training_inputs(cfg) -> dict:
-    """What every worker needs besides the config: new tokens, their texts, the task list, the prompt format."""
+    """What every worker needs besides the config: new tokens, their texts, the task list, the prompt format.
+    Every input is read and checked here, before Ray starts, so a bad one is one line naming the file."""
     run_dir = storage.absolute(cfg.run_dir)
-    new_tokens = _read_json(storage.join(run_dir, "item_ids", "tokens.json"), "build-ids")
-    manifest = _read_json(storage.join(run_dir, "samples", "manifest.json"), "build-samples")
+    item_ids_dir = storage.join(run_dir, "item_ids")
+    codes, new_tokens = read_item_ids_checked(item_ids_dir)
+    manifest = read_samples_manifest(run_dir, item_ids_dir)
+    check_checkpoint(cfg.model, new_tokens, storage.join(item_ids_dir, TOKENS_FILE))
     tasks = list(manifest["config"]["tasks"])
     sequence = "user_sequence" in tasks
     prompt_format = PromptFormat(
@@ -38,9 +54,9 @@ def training_inputs(cfg) -> dict:
     token_texts = None
     if cfg.model.new_token_init == "text":
         items = storage.read_parquet(storage.join(run_dir, "dataset", "items.parquet"), ["item_id", "title"])
-        codes = storage.read_parquet(storage.join(run_dir, "item_ids", "item_codes.parquet"), ["item_id", "tokens"])
         titles = {r["item_id"]: r["title"] for r in items.to_pylist() if r["title"]}
-        token_texts = {row["tokens"][0]: titles[row["item_id"]] for row in codes.to_pylist()
+        rows = codes.select(["item_id", "tokens"]).to_pylist() if codes is not None else []
+        token_texts = {row["tokens"][0]: titles[row["item_id"]] for row in rows
                        if len(row["tokens"]) == 1 and row["item_id"] in titles}
     return {"run_dir": run_dir, "new_tokens": new_tokens, "tasks": tasks, "token_texts": token_texts,
             "prompt_format": prompt_format}
