@@ -57,3 +57,19 @@ def build_toy_run(root: Path, sequences: dict[str, list[int]] = SEQUENCES) -> Pa
 def tree(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (hidden ones too) by relative path: to compare a folder before and after."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+VOLATILE = {"created", "seconds", "total_seconds"}
+"""Manifest and stats keys that record when and how long, not what: left out when two runs are compared."""
+
+
+def comparable(files: dict[str, bytes]) -> dict[str, object]:
+    """``tree`` output with every JSON file parsed and its VOLATILE keys dropped; every other file as bytes."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in VOLATILE}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return {rel: strip(json.loads(data)) if rel.endswith(".json") else data for rel, data in files.items()}
