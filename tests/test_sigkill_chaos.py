@@ -1,0 +1,111 @@
+"""SIGKILL chaos for build-ids and build-samples: each stage runs once uninterrupted (the previous complete output),
+then is started again and SIGKILLed three times, at two seeded random delays and once the moment its staged
+folder appears (a kill mid-write), then run to the end. After every kill the output folder is still the previous
+complete one (no staged folder renamed into place, no half-written file visible) and any SASRec cache entry is
+whole; the final run's output equals the uninterrupted one: every data file byte for byte, the JSON manifests
+apart from their timings. Bounded: 8 subprocess runs of a few seconds each on a 1,200-user slice.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.cli import main
+from tests.conftest import REPO
+from tests.test_determinism import _scientific_slice
+from tests.toy_run import comparable, tree
+
+pytestmark = pytest.mark.integration
+
+CONFIG = str(REPO / "configs" / "alignment_sft.yaml")
+SMALL = ["seed=7", "ids.levels=3", "ids.codes=64", "ids.epochs=15", "ids.sasrec.epochs=2", "ids.sasrec.eval_every=2",
+         "ids.llm_alignment=false"]
+OUTPUT = {"build-ids": "item_ids", "build-samples": "samples"}
+SEED = 18
+RUN_TIMEOUT_S = 180
+
+
+def _start(command: str, run_dir: Path, raw: Path, log: Path) -> subprocess.Popen:
+    """The CLI in its own session (so a SIGKILL reaches every process it started); --break-lock because a
+    killed run leaves its lock behind."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "launcher.cli", command, CONFIG, f"run_dir={run_dir}",
+                                 f"data.path={raw}", *SMALL, "--break-lock"], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                start_new_session=True)
+
+
+def _run(command: str, run_dir: Path, raw: Path, log: Path) -> float:
+    start = time.monotonic()
+    proc = _start(command, run_dir, raw, log)
+    assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, log.read_text()[-3000:]
+    return time.monotonic() - start
+
+
+def _staged(run_dir: Path, name: str) -> bool:
+    return any(entry.name.startswith(f".{name}.tmp-") for entry in os.scandir(run_dir))
+
+
+def _kill(proc: subprocess.Popen, run_dir: Path, name: str, delay: float | None) -> str:
+    """SIGKILL the run after ``delay`` seconds, or (None) the moment its staged output folder appears; returns
+    where the kill landed."""
+    deadline = time.monotonic() + (delay if delay is not None else RUN_TIMEOUT_S)
+    while time.monotonic() < deadline and proc.poll() is None:
+        if delay is None and _staged(run_dir, name):
+            break
+        time.sleep(0.001 if delay is None else 0.01)
+    staged = _staged(run_dir, name)
+    if proc.poll() is not None:
+        return "after it finished"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    return "mid-write" if staged else "before writing"
+
+
+def _sasrec_cache_whole(run_dir: Path) -> None:
+    for entry in (run_dir / "sasrec").glob("*") if (run_dir / "sasrec").exists() else []:
+        if not entry.name.startswith("."):
+            assert sorted(p.name for p in entry.iterdir()) == ["losses.json", "model.safetensors", "sasrec.json"]
+
+
+def test_sigkilled_build_ids_and_build_samples_leave_the_previous_output_and_rerun_identically(tmp_path):
+    raw = _scientific_slice(tmp_path / "raw")
+    run_dir, log = tmp_path / "run", tmp_path / "runs.log"
+    assert main(["prepare", CONFIG, f"run_dir={run_dir}", f"data.path={raw}", *SMALL]) == 0
+    rng = random.Random(SEED)
+    landed: dict[str, list[str]] = {}
+    for command, name in OUTPUT.items():
+        out = run_dir / name
+        seconds = _run(command, run_dir, raw, log)
+        reference = tree(out)
+        delays = [rng.uniform(0.3, 1.0) * seconds for _ in range(2)] + [None]
+        for delay in delays:
+            if command == "build-ids":  # so the kill can land in SASRec's training and its cache write too
+                subprocess.run(["rm", "-rf", str(run_dir / "sasrec")], check=True)
+            previous = tree(out)
+            where = _kill(_start(command, run_dir, raw, log), run_dir, name, delay)
+            landed.setdefault(command, []).append(where)
+            print(f"{command}: uninterrupted {seconds:.1f}s, killed at "
+                  f"{'staged folder' if delay is None else f'{delay:.1f}s'}: {where}")
+            if where != "after it finished":
+                assert tree(out) == previous, f"{command} killed {where}: {name}/ changed"
+            assert comparable(tree(out)) == comparable(reference)
+            visible = {p.name for p in run_dir.iterdir() if not p.name.startswith(".")}
+            assert visible <= {"dataset", "item_ids", "samples", "sasrec"}, visible
+            _sasrec_cache_whole(run_dir)
+        assert landed[command][-1] == "mid-write", landed  # the staged folder existed when the kill came
+        _run(command, run_dir, raw, log)
+        again = tree(out)
+        assert comparable(again) == comparable(reference)
+        assert {k: v for k, v in again.items() if not k.endswith(".json")} == \
+               {k: v for k, v in reference.items() if not k.endswith(".json")}
+    leftovers = [str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert leftovers == [] and not (run_dir / ".lock").exists()
