@@ -14,7 +14,10 @@ import io
 import json
 import os
 import posixpath
+import re
+import socket
 import sys
+import time
 import uuid
 from typing import Iterator
 
@@ -179,6 +182,14 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
+def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def verify_files(folder: str, files: dict[str, dict], manifest: str, rebuild: str) -> None:
     """Check that ``folder`` holds exactly the files ``manifest`` lists (``files``: rel -> {sha256, bytes}), with
     those bytes: a file from another run, or a missing, extra, truncated or edited one, is a DataError whose
@@ -188,11 +199,11 @@ def verify_files(folder: str, files: dict[str, dict], manifest: str, rebuild: st
         uri, entry = join(folder, rel), files[rel]
         if not fs.exists(posixpath.join(root, rel)):
             raise DataError(uri, f"listed in {manifest} but missing; {rebuild}")
-        data = read_bytes(uri)
-        if "bytes" in entry and len(data) != entry["bytes"]:
-            raise DataError(uri, f"{len(data)} bytes where {manifest} records {entry['bytes']} (truncated, or from "
+        size = fs.size(posixpath.join(root, rel))
+        if "bytes" in entry and size != entry["bytes"]:
+            raise DataError(uri, f"{size} bytes where {manifest} records {entry['bytes']} (truncated, or from "
                                  f"another run); {rebuild}", field="bytes")
-        if "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        if "sha256" in entry and _sha256(fs, posixpath.join(root, rel)) != entry["sha256"]:
             raise DataError(uri, f"sha256 differs from the one {manifest} records (from another run, or edited); "
                                  f"{rebuild}", field="sha256")
     manifest_name = posixpath.basename(manifest)
@@ -231,13 +242,35 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(code, os.strerror(code), a)
 
 
+_HOST = socket.gethostname()
+_SIBLING = re.compile(r"\.(?:tmp|old)-[0-9a-f]{8}(?:-(\d+)@(.+))?$")
+STALE_AFTER_S = 24 * 3600
+"""A temporary written from another host is removed only once this old (its writer cannot be checked)."""
+
+
+def _sibling(parent: str, name: str, kind: str) -> str:
+    """A hidden sibling of ``name`` that says who wrote it: .NAME.KIND-UUID-PID@HOST."""
+    return posixpath.join(parent, f".{name}.{kind}-{uuid.uuid4().hex[:8]}-{os.getpid()}@{_HOST}")
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
 class StagedFolder:
     """Files written under a hidden temporary folder, renamed to ``final`` only on ``publish()``.
 
     Keeps a sha256 and row count of every file for the manifest. Hidden siblings ``.<name>.tmp-*`` are a
     killed writer's leftovers (or an old copy on its way out) and ``.<name>.old-*`` a complete previous output
-    that a killed fallback publish moved aside; ``clear_leftovers`` tidies both. The run_dir lock makes the
-    caller the only writer of ``final``, so nothing else can be writing them.
+    that a killed fallback publish moved aside. Their names carry the writer's pid and host, so
+    ``clear_leftovers`` tidies only those whose writer is gone and never a live one's (readers such as
+    evaluate write caches without the run_dir lock).
     """
 
     def __init__(self, final: str):
@@ -245,17 +278,30 @@ class StagedFolder:
         self.fs, self.final_path = filesystem(self.final)
         parent, name = posixpath.split(self.final_path)
         self.parent, self.name = parent, name
-        self.tmp_path = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.tmp_path = _sibling(parent, name, "tmp")
         self.files: dict[str, dict] = {}
+
+    def _stale(self, path: str) -> bool:
+        match = _SIBLING.search(posixpath.basename(path.rstrip("/")))
+        if match is None or path.rstrip("/") == self.tmp_path:
+            return False
+        pid, host = match.groups()
+        if pid is None:  # written before names carried their writer: no writer left to wait for
+            return True
+        if host == _HOST:
+            return _process_gone(int(pid))
+        modified = self.fs.info(path).get("mtime")
+        return modified is not None and time.time() - float(modified) > STALE_AFTER_S
 
     def _leftovers(self, kind: str) -> list[str]:
         if not self.fs.exists(self.parent):
             return []
-        return sorted(p for p in self.fs.glob(posixpath.join(self.parent, f".{self.name}.{kind}-*"))
-                      if p.rstrip("/") != self.tmp_path)
+        found = self.fs.glob(posixpath.join(self.parent, f".{self.name}.{kind}-*"))
+        return sorted(p for p in found if self._stale(p))
 
     def clear_leftovers(self) -> None:
-        """Put back a complete previous output that a killed publish moved aside, and delete temporaries."""
+        """Put back a complete previous output that a killed publish moved aside, and delete the temporaries
+        of writers that are gone."""
         old = self._leftovers("old")
         if old and not self.fs.exists(self.final_path):
             self.fs.mv(old.pop(), self.final_path, recursive=True)
@@ -304,7 +350,7 @@ class StagedFolder:
         elif _exchange(self.tmp_path, self.final_path):
             self.fs.rm(self.tmp_path, recursive=True)  # the previous output, now under the temporary name
         else:  # two renames: a kill between them leaves the previous output whole under .old-, put back later
-            old = posixpath.join(self.parent, f".{self.name}.old-{uuid.uuid4().hex[:8]}")
+            old = _sibling(self.parent, self.name, "old")
             self.fs.mv(self.final_path, old, recursive=True)
             self.fs.mv(self.tmp_path, self.final_path, recursive=True)
             self.fs.mv(old, self.tmp_path, recursive=True)  # a half-deleted copy must never be named .old-

@@ -3,7 +3,8 @@ then is started again and SIGKILLed three times, at two seeded random delays and
 folder appears (a kill mid-write), then run to the end. After every kill the output folder is still the previous
 complete one (no staged folder renamed into place, no half-written file visible) and any SASRec cache entry is
 whole; the final run's output equals the uninterrupted one: every data file byte for byte, the JSON manifests
-apart from their timings. Bounded: 8 subprocess runs of a few seconds each on a 1,200-user slice.
+apart from their timings. Bounded: 8 subprocess runs of a few seconds each on a 1,200-user slice. Beside it,
+the staged folder's own rules: a dead writer's temporaries go, a live one's stay, an output moved aside is put back.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from data_pipeline import storage
 from launcher.cli import main
 from tests.conftest import REPO
 from tests.test_determinism import _scientific_slice
 from tests.toy_run import comparable, tree
-
-pytestmark = pytest.mark.integration
 
 CONFIG = str(REPO / "configs" / "alignment_sft.yaml")
 SMALL = ["seed=7", "ids.levels=3", "ids.codes=64", "ids.epochs=15", "ids.sasrec.epochs=2", "ids.sasrec.eval_every=2",
@@ -76,6 +76,7 @@ def _sasrec_cache_whole(run_dir: Path) -> None:
             assert sorted(p.name for p in entry.iterdir()) == ["losses.json", "model.safetensors", "sasrec.json"]
 
 
+@pytest.mark.integration
 def test_sigkilled_build_ids_and_build_samples_leave_the_previous_output_and_rerun_identically(tmp_path):
     raw = _scientific_slice(tmp_path / "raw")
     run_dir, log = tmp_path / "run", tmp_path / "runs.log"
@@ -109,3 +110,39 @@ def test_sigkilled_build_ids_and_build_samples_leave_the_previous_output_and_rer
                {k: v for k, v in reference.items() if not k.endswith(".json")}
     leftovers = [str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
     assert leftovers == [] and not (run_dir / ".lock").exists()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_next_writer_removes_only_a_dead_writers_temporaries(tmp_path):
+    host = storage._HOST
+    dead = tmp_path / f".out.tmp-0badc0de-{_dead_pid()}@{host}"
+    live = tmp_path / f".out.tmp-0000beef-{os.getpid()}@{host}"
+    remote = tmp_path / ".out.tmp-12345678-1@another-host"  # its writer cannot be checked from here: kept
+    for folder in (dead, live, remote):
+        (folder / "part").mkdir(parents=True)
+    with storage.staged_folder(str(tmp_path / "out")) as staged:
+        staged.write_bytes("a.txt", b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, remote.name])
+
+
+def test_a_previous_output_moved_aside_by_a_killed_publish_is_put_back(tmp_path):
+    """Where no atomic exchange exists, publishing is two renames; a kill between them leaves the previous
+    output whole under .old-, and the next writer puts it back before anything else."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.txt").write_text("previous")
+    (tmp_path / "out").rename(tmp_path / f".out.old-0badc0de-{_dead_pid()}@{storage._HOST}")
+    storage.StagedFolder(str(tmp_path / "out")).clear_leftovers()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "a.txt").read_text() == "previous"
+
+
+def test_publish_without_an_atomic_exchange_still_replaces_the_output(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
+    for version in ("one", "two"):
+        with storage.staged_folder(str(tmp_path / "out")) as staged:
+            staged.write_bytes("a.txt", version.encode())
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "a.txt").read_text() == "two"
