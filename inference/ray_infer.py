@@ -106,14 +106,15 @@ def check_inputs(run_dir: str, model_dir: str) -> None:
 
 
 def run_infer(cfg) -> dict:
+    icfg = cfg.infer
+    run_dir = cfg.run_dir if "://" in cfg.run_dir else os.path.abspath(cfg.run_dir)
+    model_dir = icfg.model_dir or storage.join(run_dir, "model")
+    check_inputs(run_dir, model_dir)  # before Ray is even imported
+
     import ray
 
     from inference.topk_scorer import _model_version
 
-    icfg = cfg.infer
-    run_dir = cfg.run_dir if "://" in cfg.run_dir else os.path.abspath(cfg.run_dir)
-    model_dir = icfg.model_dir or storage.join(run_dir, "model")
-    check_inputs(run_dir, model_dir)
     topk_dir = storage.join(run_dir, "topk")
     manifest = read_manifest(run_dir)
     users = ts.users_to_score(run_dir, icfg.mode)

@@ -86,6 +86,8 @@ def latest_checkpoint(storage_uri: str) -> str | None:
 
 
 def run_training(cfg) -> dict:
+    inputs = training_inputs(cfg)  # before Ray is even imported
+
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -95,7 +97,6 @@ def run_training(cfg) -> dict:
     from trainers.ray_worker import train_loop_per_worker
 
     t = cfg.train
-    inputs = training_inputs(cfg)
     run_dir = inputs["run_dir"]
     repo = Path(__file__).resolve().parents[1]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
