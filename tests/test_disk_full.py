@@ -60,10 +60,7 @@ def _temporaries(run_dir) -> list[str]:
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if ".tmp-" in p.name or ".old-" in p.name)
 
 
-@pytest.mark.parametrize("command", ["prepare", "build-ids", "build-samples",
-                                     pytest.param("evaluate", marks=pytest.mark.integration)])
-def test_full_disk_mid_stage_keeps_the_previous_output(command, request, disk, tmp_path, capsys):
-    source = request.getfixturevalue("inferred" if command == "evaluate" else "built")
+def _full_disk_keeps_the_previous_output(command: str, source, disk: Disk, tmp_path, capsys) -> None:
     run_dir = shutil.copytree(source, tmp_path / "run")
     extra = [f"data.path={source.parent / 'raw'}", "data.name=Toy"] if command == "prepare" else []
     output = run_dir / OUTPUT[command]
@@ -88,3 +85,13 @@ def test_full_disk_mid_stage_keeps_the_previous_output(command, request, disk, t
     disk.room = None  # room again: the same command succeeds with the same output
     assert stage(command, run_dir, *extra) == 0
     assert comparable(tree(output)) == comparable(previous)
+
+
+@pytest.mark.parametrize("command", ["prepare", "build-ids", "build-samples"])
+def test_full_disk_mid_stage_keeps_the_previous_output(command, built, disk, tmp_path, capsys):
+    _full_disk_keeps_the_previous_output(command, built, disk, tmp_path, capsys)
+
+
+@pytest.mark.integration
+def test_full_disk_mid_evaluate_keeps_the_previous_report(inferred, disk, tmp_path, capsys):
+    _full_disk_keeps_the_previous_output("evaluate", inferred, disk, tmp_path, capsys)
