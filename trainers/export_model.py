@@ -51,7 +51,8 @@ def export_weights(cfg, weights: Path, state: dict, new_tokens: list[str], token
         model = apply_lora(model, new_ids, t.lora_r, t.lora_alpha, t.lora_dropout, t.lora_target_modules)
     load_weights(model, weights, trainable_only=lora)
     out_uri = out_uri or storage.join(cfg.run_dir, "model")
-    with storage.staged_folder(out_uri) as staged, tempfile.TemporaryDirectory(prefix="recllm-export-") as scratch:
+    with (storage.staged_folder(out_uri) as staged, tempfile.TemporaryDirectory(prefix="recllm-export-") as scratch,
+          storage.writing(out_uri, f"; nothing was published, {out_uri} is as it was")):
         # Hugging Face writes to a local folder: the staged folder itself when local, else a scratch folder
         # whose files are then copied into the remote staged folder.
         remote = storage.is_remote(out_uri)
