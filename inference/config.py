@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from launcher.config_schema import choice, positive
+from data_pipeline.config_schema import choice, positive
 from trainers.sasrec_config import SASRecConfig
 
 MODES = ("test", "nightly")

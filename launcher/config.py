@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from data_pipeline.config import DataConfig
+from data_pipeline.config_schema import load, positive
 from data_pipeline.item_ids.config import IdsConfig
 from data_pipeline.reviews.config import ReviewsConfig
 from data_pipeline.reviews.task_config import ReviewTasksConfig
 from data_pipeline.samples.config import SamplesConfig
-from launcher.config_schema import load, positive
 from trainers.model_config import ModelConfig
 from trainers.train_config import TrainConfig
 from trainers.loid.config import LoIDConfig

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.config import load_config
-from launcher.config_schema import ConfigError, field_docs
 from data_pipeline.config import DataConfig
+from data_pipeline.config_schema import ConfigError, field_docs
+from launcher.config import load_config
 from tests.conftest import REPO
 
 

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline.config import DataConfig
+from data_pipeline.config_schema import field_docs
 from data_pipeline.errors import DataError
 from data_pipeline.item_ids.build_ids import load_codebook, run_build_ids
 from data_pipeline.item_ids.collisions import collision_counts, resolve_collisions
@@ -21,7 +22,6 @@ from data_pipeline.item_ids.item_codes import code_matrix, read_item_codes, sema
 from data_pipeline.item_ids.llm_text_targets import item_texts, lm_text_embedder, mean_input_embeddings
 from data_pipeline.prepare import run_prepare
 from inference.code_trie import CodeTrie
-from launcher.config_schema import field_docs
 from tests.conftest import DEMO_DATA, REPO
 
 NUM_ITEMS, NUM_TOPICS, EMBED_DIM = 200, 8, 16

@@ -10,7 +10,7 @@ import resource
 import pytest
 import torch
 
-from launcher.config_schema import ConfigError, load
+from data_pipeline.config_schema import ConfigError, load
 from trainers import models
 from trainers.model_config import ModelConfig, TinyShape
 from trainers.models import (attention_implementation, build_model, count_parameters, extend_vocabulary, llama2_7b,

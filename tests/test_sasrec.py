@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from data_pipeline.config import DataConfig
+from data_pipeline.config_schema import ConfigError
 from data_pipeline.prepare import run_prepare
-from launcher.config_schema import ConfigError
 from trainers.metrics_logger import read_metrics
 from trainers.sasrec import (SASRec, evaluate_sasrec, histories_to_tokens, length_bucketed_batches, load_sasrec,
                              read_train_sequences, recommend_topk, save_sasrec, train_sasrec)

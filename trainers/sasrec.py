@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from data_pipeline import storage
 from inference.ranking_metrics import DEFAULT_KS, catalogue_coverage, ranking_metrics
-from launcher.config_schema import ConfigError
+from data_pipeline.config_schema import ConfigError
 from trainers.metrics_logger import MetricsLogger
 from trainers.sasrec_config import SASRecConfig
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.config_schema import choice, positive
+from data_pipeline.config_schema import choice, positive
 
 LOSSES = ("ce", "bce")
 
