@@ -81,7 +81,7 @@ def _text_targets(ids: IdsConfig, items: pa.Table, manifest: dict, text_embedder
     return targets, has_text, option
 
 
-def baseline_embeddings(run_dir: str, num_items: int, settings: dict | None) -> tuple[np.ndarray, dict]:
+def _baseline_embeddings(run_dir: str, num_items: int, settings: dict | None) -> tuple[np.ndarray, dict]:
     """The quantiser's input: the item embeddings of the run's baseline (run_dir/baseline/), one row per item."""
     embeddings, manifest = read_item_embeddings(run_dir, settings)
     if len(embeddings) != num_items:
@@ -164,7 +164,7 @@ def run_build_ids(ids: IdsConfig, run_dir: str, seed: int = 0, *, tokenizer=None
         built = build_precomputed_ids(items, ids.index_path or index_path_from_manifest(manifest, dataset_dir))
     else:
         if item_embeddings is None:
-            item_embeddings, embedding_info = baseline_embeddings(run_dir, items.num_rows, baseline_settings)
+            item_embeddings, embedding_info = _baseline_embeddings(run_dir, items.num_rows, baseline_settings)
         else:
             embedding_info = {"source": "given", "hidden_size": int(np.shape(item_embeddings)[1])}
         if ids.assign_only:
