@@ -1,5 +1,6 @@
 """`recllm evaluate`: the last stage. Full-ranking HR@K / NDCG@K of the top-K cache against the test targets,
-invalid-item rate and catalogue coverage, next to a SASRec baseline trained and scored on the same split;
+invalid-item rate and catalogue coverage, next to most-popular and the run's SASRec baseline (read from
+run_dir/baseline/, which `recllm train-baseline` writes; evaluate never trains one) scored on the same split;
 writes run_dir/report/ (metrics.json, report.md, PNG plots).
 """
 
@@ -13,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipeline import storage
+from data_pipeline.baseline_files import baseline_dir, baseline_settings, read_baseline
 from inference.ranking_metrics import ranking_metrics
 from inference.topk_shards import SUCCESS
 
@@ -59,7 +61,7 @@ def most_popular(train: pa.Table, k: int) -> np.ndarray:
 
 
 def run_evaluate(cfg) -> dict:
-    from trainers.sasrec import cached_sasrec, recommend_topk
+    from trainers.sasrec import load_sasrec, recommend_topk
 
     ecfg = cfg.eval
     run_dir = cfg.run_dir
@@ -76,6 +78,7 @@ def run_evaluate(cfg) -> dict:
         raise ValueError(f"top-K run was mode={topk_manifest.get('mode')}; evaluation needs infer.mode=test")
     if topk.column("user_id").to_pylist() != test.column("user_id").to_pylist():
         raise ValueError("the top-K cache and the test split hold different users; re-run `recllm infer`")
+    baseline = read_baseline(run_dir, baseline_settings(cfg.baseline, cfg.seed)) if ecfg.baseline else None
     ours = topk_matrix(topk.column("item_ids").to_pylist(), kmax)
     models = {"recllm": recllm_metrics(ours, targets, num_items, ecfg.ks)}
     models["recllm"]["users_per_second"] = topk_manifest.get("users_per_second")
@@ -83,11 +86,10 @@ def run_evaluate(cfg) -> dict:
     popular = most_popular(storage.read_parquet(storage.join(dataset, "sequences", "train")), kmax)
     models["popular"] = recllm_metrics(np.tile(popular, (len(targets), 1)), targets, num_items, ecfg.ks)
 
-    sasrec_losses: list[float] = []
-    if ecfg.baseline:
+    if baseline is not None:
         t0 = time.perf_counter()
-        model, sasrec_losses = cached_sasrec(dataset, ecfg.sasrec, cfg.seed, storage.join(run_dir, "sasrec"))
-        base_items, _ = recommend_topk(model, histories, kmax, exclude_seen=cfg.infer.exclude_seen)
+        base_items, _ = recommend_topk(load_sasrec(baseline_dir(run_dir)), histories, kmax,
+                                       exclude_seen=cfg.infer.exclude_seen)
         models["sasrec"] = recllm_metrics(base_items.numpy(), targets, num_items, ecfg.ks)
         models["sasrec"]["seconds"] = round(time.perf_counter() - t0, 1)
 
@@ -95,7 +97,7 @@ def run_evaluate(cfg) -> dict:
               "users": int(len(targets)), "items": num_items, "ks": ecfg.ks,
               "infer": {k: topk_manifest.get(k) for k in ("scorer", "top_k", "num_beams", "model_version")},
               "models": models}
-    write_report(run_dir, report, sasrec_losses)
+    write_report(run_dir, report, baseline["losses"] if baseline else [])
     return report
 
 

@@ -14,8 +14,8 @@ import sys
 import threading
 import traceback
 
+from data_pipeline.config_schema import ConfigError
 from data_pipeline.errors import DataError
-from launcher.config_schema import ConfigError
 from trainers.memory_plan import PlanError
 
 

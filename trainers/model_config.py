@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.config_schema import choice, positive
+from data_pipeline.config_schema import choice, positive
 
 SIZES = ("tiny", "smollm2_135m", "llama2_7b", "llama2_13b", "auto")
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")

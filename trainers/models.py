@@ -258,9 +258,7 @@ def tiny(new_tokens: Sequence[str] = (), *, hidden_size: int = 128, num_layers: 
          seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A debug-size LLaMA (random init from ``seed``) with the byte-level BPE tokenizer shipped in
     ``trainers/assets/tiny_tokenizer`` (4,096 tokens, trained on the Scientific item texts)."""
-    tokenizer_dir = checkpoint if checkpoint and _has_tokenizer(checkpoint) else TINY_TOKENIZER_DIR
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
-    tokenizer.model_max_length = max_position_embeddings
+    tokenizer = _tiny_tokenizer(checkpoint, max_position_embeddings)
     shape = LlamaShape(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=len(tokenizer),
                        max_position_embeddings=max_position_embeddings, tie_embeddings=tie_embeddings)
@@ -296,13 +294,23 @@ def smollm2_135m(new_tokens: Sequence[str] = (), *, checkpoint: str = "",
         model = LlamaForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF, dtype=torch_dtype,
                                                  attn_implementation=attn)
         _drop_gguf_quantizer(_checked(model, SMOLLM2_135M, str(folder), "smollm2_135m"))
-    if checkpoint and _has_tokenizer(checkpoint):
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(str(smollm2_folder()), gguf_file=SMOLLM2_GGUF)
+    tokenizer = _smollm2_tokenizer(checkpoint)
     extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, init=new_token_init,
                       noise=new_token_noise, seed=seed)
     return model.to(device), tokenizer
+
+
+def _tiny_tokenizer(checkpoint: str, max_position_embeddings: int) -> PreTrainedTokenizerFast:
+    tokenizer_dir = checkpoint if checkpoint and _has_tokenizer(checkpoint) else TINY_TOKENIZER_DIR
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    tokenizer.model_max_length = max_position_embeddings
+    return tokenizer
+
+
+def _smollm2_tokenizer(checkpoint: str) -> PreTrainedTokenizerBase:
+    if checkpoint and _has_tokenizer(checkpoint):
+        return AutoTokenizer.from_pretrained(checkpoint)
+    return AutoTokenizer.from_pretrained(str(smollm2_folder()), gguf_file=SMOLLM2_GGUF)
 
 
 def smollm2_folder() -> Path:
@@ -342,12 +350,16 @@ def _llama2(shape: LlamaShape, size: str, new_tokens: Sequence[str], *, checkpoi
     torch_dtype = _torch_dtype(dtype)
     attn = attention_implementation(attn_implementation, torch_dtype)
     model = _load_checkpoint(checkpoint, shape, size, torch_dtype, attn).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint) if _has_tokenizer(checkpoint) else None
+    tokenizer = _checkpoint_tokenizer(checkpoint)
     if tokenizer is None:
         log.warning("%s has no tokenizer files: new tokens take the ids after the vocabulary", checkpoint)
     extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, init=new_token_init,
                       noise=new_token_noise, seed=seed)
     return model, tokenizer
+
+
+def _checkpoint_tokenizer(checkpoint: str) -> PreTrainedTokenizerBase | None:
+    return AutoTokenizer.from_pretrained(checkpoint) if checkpoint and _has_tokenizer(checkpoint) else None
 
 
 def random_llama(shape: LlamaShape, new_tokens: Sequence[str] = (), *, dtype: str | torch.dtype = "bfloat16",
@@ -436,3 +448,17 @@ def build_model(cfg: ModelConfig, new_tokens: Sequence[str] = (), token_texts: M
              f"{count_parameters(model):,}", model.config.vocab_size, len(new_tokens), model.dtype,
              model.device, model.config._attn_implementation)
     return model, tokenizer
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase | None:
+    """The tokenizer ``build_model(cfg)`` returns, before any new token, without reading or allocating a weight
+    (the subtoken ID scheme needs only this); None where build_model has none (LLaMA-2 sizes without checkpoint)."""
+    if cfg.size == "tiny":
+        return _tiny_tokenizer(cfg.checkpoint, cfg.tiny.max_position_embeddings)
+    if cfg.size == "smollm2_135m":
+        return _smollm2_tokenizer(cfg.checkpoint)
+    if cfg.size == "auto":
+        return AutoTokenizer.from_pretrained(cfg.checkpoint)
+    if cfg.size in ("llama2_7b", "llama2_13b"):
+        return _checkpoint_tokenizer(cfg.checkpoint)
+    raise ValueError(f"model.size: {cfg.size!r} is not one of tiny, smollm2_135m, llama2_7b, llama2_13b, auto")
