@@ -168,15 +168,16 @@ def score_test(cfg, model, tokenizer, prompt_format, device: str, limit: int = 0
 
 
 def baselines(run_dir: str, cfg, device: str, smoke: bool) -> dict:
-    """SASRec (the evaluate stage's config, trained here on the same device) and most-popular, on test."""
-    from trainers.sasrec import recommend_topk, train_sasrec
+    """SASRec (the baseline stage's config, trained here on the same device) and most-popular, on test."""
+    from trainers.baseline import train_sasrec
+    from trainers.sasrec import recommend_topk
 
     dataset = storage.join(run_dir, "dataset")
     counts = json.loads(storage.read_text(storage.join(dataset, "manifest.json")))["counts"]
     _, histories, targets = test_rows(run_dir, 64 if smoke else 0)
     popular = most_popular(storage.read_parquet(storage.join(dataset, "sequences", "train")), max(KS))
     out = {"popular": recllm_metrics(np.tile(popular, (len(targets), 1)), targets, counts["items"], list(KS))}
-    scfg = dataclasses.replace(cfg.eval.sasrec, device=device, **({"epochs": 1} if smoke else {}))
+    scfg = dataclasses.replace(cfg.baseline, device=device, **({"epochs": 1} if smoke else {}))
     t0 = time.perf_counter()
     result = train_sasrec(dataset, scfg, seed=cfg.seed)
     items, _ = recommend_topk(result.model, histories, max(KS), exclude_seen=cfg.infer.exclude_seen)
