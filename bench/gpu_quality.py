@@ -71,7 +71,7 @@ def train_variant(cfg, device: str, budget_s: float, log) -> tuple[torch.nn.Modu
     inputs = training_inputs(cfg)
     run_dir = inputs["run_dir"]
     model, tokenizer = build_model(cfg.model, inputs["new_tokens"], token_texts=inputs["token_texts"],
-                                   device="cpu", seed=cfg.seed)
+                                   token_vectors=inputs["token_vectors"], device="cpu", seed=cfg.seed)
     if tcfg.finetune == "lora":  # as the worker does: adapters, plus the new token rows trained in full
         from trainers.lora_adapters import apply_lora
 
