@@ -40,9 +40,9 @@ RUNS = [
     ("cllm4rec", "CLLM4Rec without collab/content LMs (multinomial head only)", "configs/cllm4rec_scientific.yaml",
      ["samples.tasks=[sequential]"], "build-samples"),
 ]
-STAGES = ["prepare", "build-ids", "build-samples", "train", "infer", "evaluate"]
-SHARED = {"train": ["dataset", "item_ids", "samples", "sasrec"], "build-samples": ["dataset", "item_ids", "sasrec"],
-          "build-ids": ["dataset", "sasrec"]}
+STAGES = ["prepare", "train-baseline", "build-ids", "build-samples", "train", "infer", "evaluate"]
+SHARED = {"train": ["dataset", "baseline", "item_ids", "samples"], "build-samples": ["dataset", "baseline", "item_ids"],
+          "build-ids": ["dataset", "baseline"]}
 
 
 def run(config: str, run_dir: Path, overrides: list[str], start: str | None, first: Path | None) -> float:

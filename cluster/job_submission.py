@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from launcher.config_schema import ConfigError
+from data_pipeline.config_schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.config_schema import choice, positive
+from data_pipeline.config_schema import choice, positive
 
 FORMATS = ("lcrec", "sasrec", "amazon_reviews", "minionerec", "parquet")
 SPLITS = ("leave_last_out", "global_time")

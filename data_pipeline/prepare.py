@@ -6,7 +6,6 @@ Written to a temporary folder and renamed when complete, so a failed run leaves 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 
@@ -58,12 +57,6 @@ def write_dataset(data: CanonicalDataset, out_uri: str, cfg: DataConfig, source_
 def read_manifest(run_dir: str) -> dict:
     """run_dir/dataset/manifest.json, as every later stage reads it first."""
     return storage.read_json(storage.join(run_dir, "dataset", "manifest.json"), "no dataset; run `recllm prepare` first")
-
-
-def dataset_fingerprint(manifest: dict) -> str:
-    """The dataset's identity from its manifest's file hashes (not its creation time): infer stamps it on the
-    top-K it writes and evaluate refuses a top-K with another one."""
-    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_prepare(cfg: DataConfig, run_dir: str) -> dict:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from launcher.config_schema import choice, positive
-from trainers.sasrec_config import SASRecConfig
+from data_pipeline.config_schema import choice, positive
 
 MODES = ("test", "nightly")
 SCORERS = ("beam", "multinomial")
@@ -58,9 +57,7 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
     """Cut-offs for HR@K and NDCG@K."""
     baseline: bool = True
-    """Train and score the SASRec baseline on the same split."""
-    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
-    """The baseline's settings."""
+    """Score the run's SASRec baseline (run_dir/baseline/, from `recllm train-baseline`) on the same split."""
 
     def check(self) -> list[str]:
         return [] if self.ks and all(k > 0 for k in self.ks) else [f"ks: {self.ks}; expected positive cut-offs"]

@@ -1,5 +1,6 @@
 """`recllm evaluate`: the last stage. Full-ranking HR@K / NDCG@K of the top-K cache against the test targets,
-invalid-item rate and catalogue coverage, next to a SASRec baseline trained and scored on the same split;
+invalid-item rate and catalogue coverage, next to most-popular and the run's SASRec baseline (read from
+run_dir/baseline/, which `recllm train-baseline` writes; evaluate never trains one) scored on the same split;
 writes run_dir/report/ (metrics.json, report.md, PNG plots).
 """
 
@@ -13,15 +14,16 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipeline import storage
+from data_pipeline.baseline_files import baseline_dir, baseline_settings, dataset_fingerprint, read_baseline
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import dataset_fingerprint, read_manifest
+from data_pipeline.prepare import read_manifest
 from inference.ranking_metrics import ranking_metrics
 from inference.topk_shards import SUCCESS
 
 log = logging.getLogger("recllm.evaluate")
 
 
-def read_topk(topk_dir: str, dataset_manifest: dict, test_users: list[int]) -> tuple[dict, pa.Table]:
+def read_topk(topk_dir: str, run_dir: str, test_users: list[int]) -> tuple[dict, pa.Table]:
     """The top-K cache's _SUCCESS and rows, refused unless it is a complete test-mode run on this dataset: a
     cache copied from another dataset (or made before `prepare` ran again) would be scored against targets it
     never saw."""
@@ -30,10 +32,10 @@ def read_topk(topk_dir: str, dataset_manifest: dict, test_users: list[int]) -> t
     if manifest.get("mode") != "test":
         raise DataError(success, f"a top-K run of mode {manifest.get('mode')!r}; evaluation needs infer.mode=test",
                         field="mode")
-    here = dataset_fingerprint(dataset_manifest)
+    here = dataset_fingerprint(run_dir)
     if manifest.get("dataset_sha256", here) != here:
-        raise DataError(success, f"top-K of another dataset ({manifest['dataset_sha256']}, this run_dir's is {here}); "
-                                 "re-run `recllm infer`", field="dataset_sha256")
+        raise DataError(success, f"top-K of another dataset ({manifest['dataset_sha256'][:12]}..., this run_dir's "
+                                 f"is {here[:12]}...); re-run `recllm infer`", field="dataset_sha256")
     topk = storage.read_parquet(topk_dir, columns=["user_id", "item_ids"]).sort_by("user_id")
     if topk.column("user_id").to_pylist() != test_users:
         raise DataError(topk_dir, "the top-K cache and the test split hold different users; re-run `recllm infer`",
@@ -73,7 +75,7 @@ def most_popular(train: pa.Table, k: int) -> np.ndarray:
 
 
 def run_evaluate(cfg) -> dict:
-    from trainers.sasrec import cached_sasrec, recommend_topk
+    from trainers.sasrec import load_sasrec, recommend_topk
 
     ecfg = cfg.eval
     run_dir = cfg.run_dir
@@ -85,7 +87,8 @@ def run_evaluate(cfg) -> dict:
     histories = test.column("history").to_pylist()
     kmax = max(ecfg.ks)
 
-    topk_manifest, topk = read_topk(storage.join(run_dir, "topk"), manifest, test.column("user_id").to_pylist())
+    topk_manifest, topk = read_topk(storage.join(run_dir, "topk"), run_dir, test.column("user_id").to_pylist())
+    baseline = read_baseline(run_dir, baseline_settings(cfg.baseline, cfg.seed)) if ecfg.baseline else None
     ours = topk_matrix(topk.column("item_ids").to_pylist(), kmax)
     models = {"recllm": recllm_metrics(ours, targets, num_items, ecfg.ks)}
     models["recllm"]["users_per_second"] = topk_manifest.get("users_per_second")
@@ -93,11 +96,10 @@ def run_evaluate(cfg) -> dict:
     popular = most_popular(storage.read_parquet(storage.join(dataset, "sequences", "train")), kmax)
     models["popular"] = recllm_metrics(np.tile(popular, (len(targets), 1)), targets, num_items, ecfg.ks)
 
-    sasrec_losses: list[float] = []
-    if ecfg.baseline:
+    if baseline is not None:
         t0 = time.perf_counter()
-        model, sasrec_losses = cached_sasrec(dataset, ecfg.sasrec, cfg.seed, storage.join(run_dir, "sasrec"))
-        base_items, _ = recommend_topk(model, histories, kmax, exclude_seen=cfg.infer.exclude_seen)
+        base_items, _ = recommend_topk(load_sasrec(baseline_dir(run_dir)), histories, kmax,
+                                       exclude_seen=cfg.infer.exclude_seen)
         models["sasrec"] = recllm_metrics(base_items.numpy(), targets, num_items, ecfg.ks)
         models["sasrec"]["seconds"] = round(time.perf_counter() - t0, 1)
 
@@ -105,7 +107,7 @@ def run_evaluate(cfg) -> dict:
               "users": int(len(targets)), "items": num_items, "ks": ecfg.ks,
               "infer": {k: topk_manifest.get(k) for k in ("scorer", "top_k", "num_beams", "model_version")},
               "models": models}
-    write_report(run_dir, report, sasrec_losses)
+    write_report(run_dir, report, baseline["losses"] if baseline else [])
     return report
 
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from data_pipeline import storage
 from data_pipeline.item_ids.item_codes import TOKENS_FILE, read_item_codes, read_item_ids_checked
-from data_pipeline.prepare import dataset_fingerprint, read_manifest
+from data_pipeline.baseline_files import dataset_fingerprint
+from data_pipeline.prepare import read_manifest
 from data_pipeline.samples.prompt_format import PromptFormat
 from inference import topk_shards as ts
 from trainers.model_files import check_trained_model, read_model_config
@@ -154,7 +155,7 @@ def run_infer(cfg) -> dict:
             fs.rm(path)
     seconds = time.perf_counter() - t0
     scored = int(sum(r["scored"] for r in results))
-    summary = {"mode": icfg.mode, "dataset_sha256": dataset_fingerprint(manifest), "model_version": model_version,
+    summary = {"mode": icfg.mode, "dataset_sha256": dataset_fingerprint(run_dir), "model_version": model_version,
                "settings": settings, "users": num_users,
                "shards": {ts.shard_name(t.shard): t.fingerprint for t in tasks},
                "shards_computed": len(todo), "users_scored": scored,

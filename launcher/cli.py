@@ -15,8 +15,8 @@ import sys
 import threading
 import traceback
 
+from data_pipeline.config_schema import ConfigError
 from data_pipeline.errors import DataError, WriteError
-from launcher.config_schema import ConfigError
 from trainers.memory_plan import PlanError
 
 
@@ -50,14 +50,18 @@ def _writer_lock(command: str, cfg, break_lock: bool):
         return
     from data_pipeline.run_lock import run_dir_lock
 
-    with run_dir_lock(cfg.run_dir, command, break_lock=break_lock, max_age_s=cfg.lock_max_age_hours * 3600):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # a SIGTERM while the lock is being taken waits until the handler can release it
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        try:
+    try:
+        with run_dir_lock(cfg.run_dir, command, break_lock=break_lock, max_age_s=cfg.lock_max_age_hours * 3600):
+            if main_thread:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a pending one exits here, unlocking
             yield
-        finally:
+    finally:
+        if main_thread:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             signal.signal(signal.SIGTERM, previous)
 
 

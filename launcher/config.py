@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from data_pipeline.config import DataConfig
+from data_pipeline.config_schema import load, positive
 from data_pipeline.item_ids.config import IdsConfig
 from data_pipeline.reviews.config import ReviewsConfig
 from data_pipeline.reviews.task_config import ReviewTasksConfig
 from data_pipeline.samples.config import SamplesConfig
-from launcher.config_schema import load, positive
 from trainers.model_config import ModelConfig
+from trainers.sasrec_config import SASRecConfig
 from trainers.train_config import TrainConfig
 from trainers.loid.config import LoIDConfig
 from inference.config import EvalConfig, InferConfig
@@ -19,7 +20,7 @@ from inference.config import EvalConfig, InferConfig
 @dataclass
 class RecllmConfig:
     run_dir: str = "runs/default"
-    """Folder (local or s3://) where every stage writes its output: dataset/, item_ids/, model/, topk/, report/."""
+    """Folder (local or s3://) every stage writes into: dataset/, baseline/, item_ids/, model/, topk/, report/."""
     seed: int = 0
     """Seed for everything random: splits of work, initialisation, sampling."""
     stages: list[str] = field(default_factory=lambda: ["prepare"])
@@ -28,6 +29,8 @@ class RecllmConfig:
     """--break-lock breaks a run_dir/.lock this old even when its process may still run (on another host)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Raw data and the split (stage: prepare)."""
+    baseline: SASRecConfig = field(default_factory=SASRecConfig)
+    """The run's one SASRec: semantic IDs code its item embeddings, evaluate ranks with it (stage: train-baseline)."""
     ids: IdsConfig = field(default_factory=IdsConfig)
     """How the LM names items: atomic, subtoken, semantic or precomputed IDs (stage: build-ids)."""
     samples: SamplesConfig = field(default_factory=SamplesConfig)
@@ -39,7 +42,7 @@ class RecllmConfig:
     infer: InferConfig = field(default_factory=InferConfig)
     """Top-K for every user: beam search or multinomial head, Ray actor pool, resumable cache (stage: infer)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
-    """Metrics and report next to a SASRec baseline (stage: evaluate)."""
+    """Metrics and report next to the SASRec baseline and most-popular (stage: evaluate)."""
     reviews: ReviewsConfig = field(default_factory=ReviewsConfig)
     """Review domains, their split and k-review histories (stage: build-reviews)."""
     loid: LoIDConfig = field(default_factory=LoIDConfig)
@@ -60,7 +63,30 @@ class RecllmConfig:
         if self.infer.scorer == "multinomial" and self.ids.scheme != "atomic":
             problems.append(f"infer.scorer: 'multinomial' scores one token per item (ids.scheme=atomic), got "
                             f"ids.scheme={self.ids.scheme!r}")
-        return problems + positive("lock_max_age_hours", self.lock_max_age_hours)
+        return problems + self._baseline_order() + positive("lock_max_age_hours", self.lock_max_age_hours)
+
+    def baseline_readers(self) -> dict[str, str]:
+        """The listed stages that read run_dir/baseline/, each with the setting that makes it read it."""
+        reads = {"build-ids": "ids.scheme=semantic" if self.ids.scheme == "semantic" else "",
+                 "evaluate": "eval.baseline=true" if self.eval.baseline else ""}
+        return {s: reads[s] for s in self.stages if reads.get(s)}
+
+    def _baseline_order(self) -> list[str]:
+        """A pipeline runs what it lists, in order, and nothing else: a stage that reads the baseline must not come
+        before train-baseline, nor after a prepare that leaves it behind (trained on the previous dataset/)."""
+        where = {s: i for i, s in reversed(list(enumerate(self.stages)))}
+        trained, prepared = where.get("train-baseline"), where.get("prepare")
+        problems = []
+        if trained is not None and prepared is not None and trained < prepared:
+            problems.append("stages: train-baseline before prepare trains on the previous dataset/; list it after")
+        for reader, why in self.baseline_readers().items():
+            if trained is not None and where[reader] < trained:
+                problems.append(f"stages: {reader} ({why}) reads run_dir/baseline/ before train-baseline writes it; "
+                                f"list train-baseline first")
+            elif trained is None and prepared is not None and prepared < where[reader]:
+                problems.append(f"stages: {reader} ({why}) reads run_dir/baseline/ after prepare writes a new "
+                                f"dataset/; list train-baseline between them")
+        return problems
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> RecllmConfig:

@@ -17,10 +17,29 @@ def prepare(cfg) -> None:
           f"rows train={c['train_rows']} valid={c['valid_rows']} test={c['test_rows']} -> {cfg.run_dir}/dataset")
 
 
-def build_ids(cfg) -> None:
-    from data_pipeline.item_ids.build_ids import run_build_ids
+def train_baseline(cfg) -> None:
+    from trainers.baseline import run_train_baseline
 
-    stats = run_build_ids(cfg.ids, cfg.run_dir, seed=cfg.seed, model_cfg=cfg.model)
+    manifest = run_train_baseline(cfg.baseline, cfg.run_dir, seed=cfg.seed)
+    valid = manifest["valid"]
+    print(f"baseline: SASRec, {len(manifest['losses'])} epochs (best {manifest['best_epoch']}), valid HR@10 "
+          f"{valid.get('HR@10', float('nan')):.4f} NDCG@10 {valid.get('NDCG@10', float('nan')):.4f}, "
+          f"{manifest['train_seconds']}s -> {cfg.run_dir}/baseline")
+
+
+def build_ids(cfg) -> None:
+    """The data stage gets what comes from a model: the LM's tokenizer (subtoken), its text embedder (semantic's
+    LLM alignment, built on first use) and the settings its baseline must have been trained with (semantic)."""
+    from data_pipeline.baseline_files import baseline_settings
+    from data_pipeline.item_ids.build_ids import run_build_ids
+    from trainers.lm_text_embedder import lm_text_embedder
+    from trainers.models import load_tokenizer
+
+    ids = cfg.ids
+    stats = run_build_ids(ids, cfg.run_dir, seed=cfg.seed,
+                          tokenizer=load_tokenizer(cfg.model) if ids.scheme == "subtoken" else None,
+                          text_embedder=lm_text_embedder(cfg.model, ids.llm_alignment_max_tokens),
+                          baseline_settings=baseline_settings(cfg.baseline, cfg.seed))
     after = stats.get("collisions", {}).get("after", {}).get("duplicate_codes", 0)
     print(f"item ids: {stats['scheme']} scheme, {stats['items']} items, {stats['new_tokens']} new tokens, "
           f"{after} collisions, {stats['total_seconds']}s -> {cfg.run_dir}/item_ids")
@@ -144,7 +163,8 @@ def evaluate_reviews(cfg) -> None:
     print(f"report: {cfg.run_dir}/report/review_tasks/report.md")
 
 
-STAGES: dict[str, Callable] = {"prepare": prepare, "build-ids": build_ids, "build-samples": build_samples,
+STAGES: dict[str, Callable] = {"prepare": prepare, "train-baseline": train_baseline, "build-ids": build_ids,
+                               "build-samples": build_samples,
                                "train": train, "infer": infer, "evaluate": evaluate,
                                "build-reviews": build_reviews, "train-loid": train_loid,
                                "evaluate-loid": evaluate_loid, "build-review-samples": build_review_samples,

@@ -62,6 +62,17 @@ def test_evaluate_without_a_topk(run_dir, capsys):
     _fails_cleanly(capsys, run_dir, ["evaluate"], "topk/_SUCCESS", "run `recllm infer` first", absent=["report"])
 
 
+def test_build_ids_semantic_without_a_baseline(run_dir, capsys):
+    semantic = ["ids.scheme=semantic", "ids.user_tokens=true", "infer.scorer=beam"]
+    _fails_cleanly(capsys, run_dir, ["build-ids", *semantic], str(run_dir / "baseline" / "manifest.json"),
+                   "no baseline; run `recllm train-baseline` first", absent=["item_ids"])
+
+
+def test_train_baseline_without_a_dataset(tmp_path, capsys):
+    _fails_cleanly(capsys, tmp_path / "run", ["train-baseline"], "dataset/manifest.json", "run `recllm prepare` first",
+                   absent=["baseline"])
+
+
 def test_build_samples_without_item_ids(run_dir, capsys):
     _fails_cleanly(capsys, run_dir, ["build-samples"], "item_codes.parquet", "run `recllm build-ids` first",
                    absent=["samples"])

@@ -31,7 +31,7 @@ CLUSTER = REPO / "cluster"
 START_SCRIPT = CLUSTER / "start_ray_cluster.sh"
 VENV_BIN = Path(sys.executable).parent
 FAST_DEMO = ["train.max_steps=5", "train.eval_users=200", "train.seq_len=128", "samples.max_samples_per_task=200",
-             "eval.sasrec.epochs=2", "infer.num_beams=5", "infer.top_k=5", "eval.ks=[1,5]"]
+             "baseline.epochs=2", "infer.num_beams=5", "infer.top_k=5", "eval.ks=[1,5]"]
 
 
 def _yaml(relative: str) -> dict:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.config import load_config
-from launcher.config_schema import ConfigError, field_docs
 from data_pipeline.config import DataConfig
+from data_pipeline.config_schema import ConfigError, field_docs
+from launcher.config import load_config
 from tests.conftest import REPO
 
 
@@ -69,6 +69,11 @@ def test_every_field_of_every_section_has_a_docstring():
      "train.controlrec.visibility: needs items named by their IDs"),
     (["infer.scorer=multinomial", "ids.scheme=semantic"], "infer.scorer: 'multinomial' scores one token per item"),
     (["train.objective=nonesuch"], "train.objective: 'nonesuch' is not one of"),
+    (["stages=[prepare,build-samples,train,infer,evaluate]"],
+     "stages: evaluate (eval.baseline=true) reads run_dir/baseline/ after prepare writes a new dataset/"),
+    (["stages=[prepare,build-ids,train-baseline]", "ids.scheme=semantic"],
+     "stages: build-ids (ids.scheme=semantic) reads run_dir/baseline/ before train-baseline writes it"),
+    (["stages=[train-baseline,prepare]"], "stages: train-baseline before prepare trains on the previous dataset/"),
 ])
 def test_plan_exits_2_on_each_cross_section_rule(overrides, needle, capsys):
     """Rules spanning sections are checked when the config loads, so `recllm plan` rejects them before Ray starts."""
@@ -92,3 +97,14 @@ def test_a_registered_objective_is_accepted_by_name_without_editing_the_project(
         assert cfg.train.objective == "toy_for_config_test"
     finally:
         OBJECTIVES.pop("toy_for_config_test")
+
+
+@pytest.mark.parametrize("stages, extra", [
+    ("[prepare,build-ids,build-samples,train,infer]", ["ids.scheme=atomic"]),  # nothing reads the baseline
+    ("[prepare,build-samples,train,infer,evaluate]", ["eval.baseline=false"]),
+    ("[build-ids,evaluate]", []),  # a baseline trained earlier, on the dataset/ already there
+    ("[prepare,train-baseline,build-ids,evaluate]", []),
+])
+def test_stage_lists_that_read_the_baseline_in_order_are_accepted(stages, extra):
+    cfg = load_config(str(REPO / "configs" / "alignment_sft.yaml"), [f"stages={stages}", *extra])  # semantic IDs
+    assert cfg.stages == stages.strip("[]").split(",")

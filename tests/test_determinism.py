@@ -1,6 +1,6 @@
 """Determinism: the same config and seed give byte-identical item codes, whatever the thread count.
 
-Two `recllm pipeline` processes (prepare + build-ids, semantic scheme with LLM alignment) run on fresh run_dirs
+Two `recllm pipeline` processes (prepare + train-baseline + build-ids, semantic scheme with LLM alignment) run on fresh run_dirs
 over a real slice of the shipped Scientific data, one with 1 thread and one with 2, and must agree byte for byte
 (codes, codebook, every loss). At 15 epochs the old quantiser's codes could still agree; its codebooks and losses
 already did not, and the gap grew to 4,242 of 4,344 items with other codes at the demo's 150 epochs.
@@ -22,8 +22,8 @@ from tests.conftest import DEMO_DATA, REPO
 SLICE_USERS = 1200
 # Big enough that the old quantiser diverged on it: k-means sees several 256-row chunks per thread, and
 # batch x latent (1024 x 32) reaches torch's parallel atomic-add threshold for the codebooks' gradient.
-SMALL = ["seed=7", "stages=[prepare,build-ids]", "ids.levels=3", "ids.codes=64", "ids.epochs=15",
-         "ids.sasrec.epochs=2", "ids.sasrec.eval_every=2"]
+SMALL = ["seed=7", "stages=[prepare,train-baseline,build-ids]", "ids.levels=3", "ids.codes=64", "ids.epochs=15",
+         "baseline.epochs=2", "baseline.eval_every=2"]
 
 
 def _scientific_slice(folder: Path) -> Path:

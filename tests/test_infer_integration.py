@@ -35,7 +35,7 @@ def _slice_scientific(folder: Path, users: int) -> None:
 def _args(run_dir: Path, raw: Path, *extra: str) -> list[str]:
     return [str(REPO / "configs" / "alignment_sft.yaml"), f"run_dir={run_dir}", f"data.path={raw}", "ids.scheme=precomputed",
             "infer.users_per_shard=64", "infer.top_k=10", "infer.num_beams=10", "infer.batch_size=32",
-            "eval.sasrec.epochs=3", *extra]
+            "baseline.epochs=3", *extra]
 
 
 def _export_untrained_model(run_dir: Path) -> None:
@@ -52,10 +52,11 @@ def _export_untrained_model(run_dir: Path) -> None:
 
 
 def prepared_slice_run(root: Path, users: int = USERS) -> tuple[Path, Path]:
-    """(run_dir, raw): the first ``users`` of Scientific prepared, with item IDs and an exported untrained model."""
+    """(run_dir, raw): the first ``users`` of Scientific prepared, with the baseline, item IDs and an exported
+    untrained model."""
     raw, run_dir = root / "raw", root / "run"
     _slice_scientific(raw, users)
-    for stage in ("prepare", "build-ids"):
+    for stage in ("prepare", "train-baseline", "build-ids"):
         assert main([stage, *_args(run_dir, raw)]) == 0
     _export_untrained_model(run_dir)
     return run_dir, raw

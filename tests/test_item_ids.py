@@ -13,15 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline.config import DataConfig
+from data_pipeline.config_schema import field_docs
 from data_pipeline.errors import DataError
 from data_pipeline.item_ids.build_ids import load_codebook, run_build_ids
 from data_pipeline.item_ids.collisions import collision_counts, resolve_collisions
 from data_pipeline.item_ids.config import IdsConfig
 from data_pipeline.item_ids.item_codes import code_matrix, read_item_codes, semantic_vocabulary
-from data_pipeline.item_ids.llm_text_targets import item_texts, lm_text_embedder, mean_input_embeddings
+from data_pipeline.item_ids.llm_text_targets import item_texts, mean_input_embeddings
 from data_pipeline.prepare import run_prepare
 from inference.code_trie import CodeTrie
-from launcher.config_schema import field_docs
 from tests.conftest import DEMO_DATA, REPO
 
 NUM_ITEMS, NUM_TOPICS, EMBED_DIM = 200, 8, 16
@@ -330,16 +330,21 @@ def test_precomputed_scheme_imports_the_shipped_scientific_index(demo_dataset, t
         run_build_ids(IdsConfig(scheme="precomputed", index_path=str(partial)), str(run_dir))
 
 
-def test_default_inputs_sasrec_embeddings_and_lm_text_targets(tiny_run):
-    """The real input path: a short SASRec run on the train split and the tiny LM's input embeddings."""
+def test_default_inputs_baseline_embeddings_and_lm_text_targets(tiny_run):
+    """The real input path: the item embeddings of the baseline stage's SASRec and the tiny LM's input embeddings."""
+    from trainers.baseline import run_train_baseline
+    from trainers.lm_text_embedder import lm_text_embedder
     from trainers.model_config import ModelConfig
     from trainers.models import build_model
+    from trainers.sasrec import load_sasrec
+    from trainers.sasrec_config import SASRecConfig
 
-    cfg = IdsConfig(**TINY_IDS)
-    cfg.sasrec = dataclasses.replace(cfg.sasrec, hidden_size=16, epochs=2, eval_every=1)
-    stats = run_build_ids(cfg, str(tiny_run), model_cfg=ModelConfig(size="tiny"))
-    assert stats["options"]["item_embeddings"]["source"] == "sasrec"
+    run_train_baseline(SASRecConfig(hidden_size=16, epochs=2, eval_every=1), str(tiny_run))
+    stats = run_build_ids(IdsConfig(**TINY_IDS), str(tiny_run), text_embedder=lm_text_embedder(ModelConfig(), 256))
+    assert stats["options"]["item_embeddings"]["source"] == "baseline"
     assert stats["options"]["item_embeddings"]["hidden_size"] == 16
+    coded = load_codebook(str(tiny_run / "item_ids"))[0]["item_embeddings"]
+    assert np.array_equal(coded.numpy(), load_sasrec(str(tiny_run / "baseline")).item_embeddings().numpy())
     assert stats["options"]["llm_alignment"]["used"] and stats["options"]["llm_alignment"]["items_with_text"] == 200
     assert stats["collisions"]["after"]["duplicate_codes"] == 0
     # Text targets are the mean of the LM's input embedding rows over the text's tokens.
@@ -365,8 +370,8 @@ def test_build_ids_is_a_stage_after_prepare(tiny_run, capsys):
     from launcher.config import load_config
     from launcher.stages import STAGES
 
-    assert list(STAGES)[:2] == ["prepare", "build-ids"]
+    assert list(STAGES)[:3] == ["prepare", "train-baseline", "build-ids"]
     assert main(["build-ids", str(REPO / "configs" / "alignment_sft.yaml"), f"run_dir={tiny_run}", "ids.scheme=atomic"]) == 0
     assert "item ids: atomic scheme, 200 items" in capsys.readouterr().out
-    cfg = load_config(str(REPO / "configs" / "alignment_sft.yaml"), ["ids.scheme=precomputed", "ids.levels=3", "ids.sasrec.epochs=5"])
-    assert cfg.ids.scheme == "precomputed" and cfg.ids.levels == 3 and cfg.ids.sasrec.epochs == 5
+    cfg = load_config(str(REPO / "configs" / "alignment_sft.yaml"), ["ids.scheme=precomputed", "ids.levels=3", "baseline.epochs=5"])
+    assert cfg.ids.scheme == "precomputed" and cfg.ids.levels == 3 and cfg.baseline.epochs == 5

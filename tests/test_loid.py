@@ -246,8 +246,8 @@ def test_bad_domain_file_exits_2_and_writes_nothing(tmp_path, capsys):
 
 
 def test_reviews_config_reports_every_problem():
+    from data_pipeline.config_schema import ConfigError
     from launcher.config import load_config
-    from launcher.config_schema import ConfigError
     from tests.conftest import REPO
 
     with pytest.raises(ConfigError) as err:

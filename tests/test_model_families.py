@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data_pipeline.config_schema import ConfigError, load
 from launcher.cli import main
 from launcher.config import load_config
-from launcher.config_schema import ConfigError, load
 from tests.conftest import REPO
 from tests.tiny_families import FAMILIES, save_tiny_checkpoint
 from trainers.memory_plan import plan_memory

@@ -10,7 +10,7 @@ import resource
 import pytest
 import torch
 
-from launcher.config_schema import ConfigError, load
+from data_pipeline.config_schema import ConfigError, load
 from trainers import models
 from trainers.model_config import ModelConfig, TinyShape
 from trainers.models import (attention_implementation, build_model, count_parameters, extend_vocabulary, llama2_7b,
@@ -145,6 +145,21 @@ def test_build_model_dispatches_on_size_and_uses_the_tiny_shape():
     assert model.config.num_hidden_layers == 1 and len(tok) == vocab and model.config._attn_implementation == "sdpa"
     big, big_tok = build_model(ModelConfig(size="llama2_7b"), ["<a_0>", "<a_1>"])
     assert big_tok is None and big.device.type == "meta" and big.config.vocab_size == 32002
+
+
+def test_load_tokenizer_gives_build_models_tokenizer_without_building_a_model(tmp_path, monkeypatch):
+    from trainers.models import load_tokenizer
+
+    model, tok = build_model(ModelConfig(size="tiny"))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    monkeypatch.setattr(models, "_load_checkpoint", lambda *a, **k: pytest.fail("weights read"))
+    monkeypatch.setattr(models.LlamaForCausalLM, "_from_config", lambda *a, **k: pytest.fail("model built"))
+    for cfg in (ModelConfig(size="tiny"), ModelConfig(size="tiny", checkpoint=str(tmp_path)),
+                ModelConfig(size="auto", checkpoint=str(tmp_path))):
+        loaded = load_tokenizer(cfg)
+        assert loaded.get_vocab() == tok.get_vocab() and loaded.model_max_length == tok.model_max_length, cfg.size
+    assert load_tokenizer(ModelConfig(size="llama2_7b")) is None  # LLaMA-2's tokenizer comes only with a checkpoint
 
 
 def test_extended_checkpoint_reloads_without_reinitialising_rows(tmp_path):

@@ -89,8 +89,8 @@ def test_hit_rate_counts_the_first_item_token():
 
 
 def test_review_tasks_config_reports_problems():
+    from data_pipeline.config_schema import ConfigError
     from launcher.config import load_config
-    from launcher.config_schema import ConfigError
     from tests.conftest import REPO
 
     with pytest.raises(ConfigError) as err:

@@ -101,9 +101,9 @@ def test_lock_is_released_when_the_stage_fails_and_the_pipeline_takes_it_once(ra
 def test_sigterm_releases_the_lock(raw, tmp_path):
     run_dir = tmp_path / "run"
     assert _prepare(raw, run_dir) == 0
-    # A real writer that runs for a while: build-ids training its SASRec for many epochs.
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "build-ids", CONFIG, f"run_dir={run_dir}",
-                             "ids.sasrec.epochs=100000", "ids.sasrec.patience=100000"], cwd=REPO,
+    # A real writer that runs for a while: train-baseline training SASRec for many epochs.
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "train-baseline", CONFIG, f"run_dir={run_dir}",
+                             "baseline.epochs=100000", "baseline.patience=100000"], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -111,14 +111,14 @@ def test_sigterm_releases_the_lock(raw, tmp_path):
         while not (run_dir / ".lock").exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
             time.sleep(0.2)
-        assert json.loads((run_dir / ".lock").read_text())["stage"] == "build-ids"
+        assert json.loads((run_dir / ".lock").read_text())["stage"] == "train-baseline"
         time.sleep(1)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 143
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not (run_dir / ".lock").exists() and not (run_dir / "item_ids").exists()
+    assert not (run_dir / ".lock").exists() and not (run_dir / "baseline").exists()
 
 
 @pytest.mark.integration

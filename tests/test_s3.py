@@ -64,7 +64,7 @@ def test_prepare_from_and_to_s3_matches_local(tmp_path, s3_endpoint):
 
 
 FAST_PIPELINE = ["samples.max_samples_per_task=600", "train.max_steps=10", "train.eval_every=5",
-                 "train.eval_users=200", "train.log_every=5", "train.checkpoint_every=10", "eval.sasrec.epochs=2",
+                 "train.eval_users=200", "train.log_every=5", "train.checkpoint_every=10", "baseline.epochs=2",
                  "infer.num_replicas=1", "infer.batch_size=512"]
 
 
@@ -98,7 +98,7 @@ def test_demo_pipeline_with_an_s3_run_dir_matches_a_local_run(tmp_path, s3_endpo
 
     assert not list(cwd.rglob("s3:*")) and not list(REPO.glob("s3:*"))  # no folder named after the scheme
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
-    for stage_output in ("dataset/manifest.json", "item_ids/tokens.json", "samples/manifest.json",
+    for stage_output in ("dataset/manifest.json", "baseline/manifest.json", "item_ids/tokens.json", "samples/manifest.json",
                          "train/logs/metrics.jsonl", "train/best/best_state.json", "model/config.json",
                          "model/prompt_format.json", "topk/_SUCCESS", "report/metrics.json", "report/report.md"):
         assert fs.exists(f"runs/demo/{stage_output}"), stage_output

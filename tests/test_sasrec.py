@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from data_pipeline.config import DataConfig
+from data_pipeline.config_schema import ConfigError
 from data_pipeline.prepare import run_prepare
-from launcher.config_schema import ConfigError
+from trainers.baseline import evaluate_sasrec, length_bucketed_batches, read_train_sequences, train_sasrec
 from trainers.metrics_logger import read_metrics
-from trainers.sasrec import (SASRec, evaluate_sasrec, histories_to_tokens, length_bucketed_batches, load_sasrec,
-                             read_train_sequences, recommend_topk, save_sasrec, train_sasrec)
+from trainers.sasrec import SASRec, histories_to_tokens, load_sasrec, recommend_topk, save_sasrec
 from trainers.sasrec_config import SASRecConfig
 
 NUM_ITEMS = 24

@@ -1,8 +1,7 @@
 """SIGKILL chaos for build-ids and build-samples: each stage runs once uninterrupted (the previous complete output),
 then is started again and SIGKILLed three times, at two seeded random delays and once the moment its staged
 folder appears (a kill mid-write), then run to the end. After every kill the output folder is still the previous
-complete one (no staged folder renamed into place, no half-written file visible) and any SASRec cache entry is
-whole; the final run's output equals the uninterrupted one: every data file byte for byte, the JSON manifests
+complete one (no staged folder renamed into place, no half-written file visible); the final run's output equals the uninterrupted one: every data file byte for byte, the JSON manifests
 apart from their timings. Bounded: 8 subprocess runs of a few seconds each on a 1,200-user slice. Beside it,
 the staged folder's own rules: a dead writer's temporaries go, a live one's stay, an output moved aside is put back.
 """
@@ -26,7 +25,7 @@ from tests.test_determinism import _scientific_slice
 from tests.toy_run import comparable, tree
 
 CONFIG = str(REPO / "configs" / "alignment_sft.yaml")
-SMALL = ["seed=7", "ids.levels=3", "ids.codes=64", "ids.epochs=15", "ids.sasrec.epochs=2", "ids.sasrec.eval_every=2",
+SMALL = ["seed=7", "ids.levels=3", "ids.codes=64", "ids.epochs=15", "baseline.epochs=2", "baseline.eval_every=2",
          "ids.llm_alignment=false"]
 OUTPUT = {"build-ids": "item_ids", "build-samples": "samples"}
 SEED = 18
@@ -70,17 +69,12 @@ def _kill(proc: subprocess.Popen, run_dir: Path, name: str, delay: float | None)
     return "mid-write" if staged else "before writing"
 
 
-def _sasrec_cache_whole(run_dir: Path) -> None:
-    for entry in (run_dir / "sasrec").glob("*") if (run_dir / "sasrec").exists() else []:
-        if not entry.name.startswith("."):
-            assert sorted(p.name for p in entry.iterdir()) == ["losses.json", "model.safetensors", "sasrec.json"]
-
-
 @pytest.mark.integration
 def test_sigkilled_build_ids_and_build_samples_leave_the_previous_output_and_rerun_identically(tmp_path):
     raw = _scientific_slice(tmp_path / "raw")
     run_dir, log = tmp_path / "run", tmp_path / "runs.log"
-    assert main(["prepare", CONFIG, f"run_dir={run_dir}", f"data.path={raw}", *SMALL]) == 0
+    for command in ("prepare", "train-baseline"):  # build-ids codes the baseline's item embeddings
+        assert main([command, CONFIG, f"run_dir={run_dir}", f"data.path={raw}", *SMALL]) == 0
     rng = random.Random(SEED)
     landed: dict[str, list[str]] = {}
     for command, name in OUTPUT.items():
@@ -89,8 +83,6 @@ def test_sigkilled_build_ids_and_build_samples_leave_the_previous_output_and_rer
         reference = tree(out)
         delays = [rng.uniform(0.3, 1.0) * seconds for _ in range(2)] + [None]
         for delay in delays:
-            if command == "build-ids":  # so the kill can land in SASRec's training and its cache write too
-                subprocess.run(["rm", "-rf", str(run_dir / "sasrec")], check=True)
             previous = tree(out)
             where = _kill(_start(command, run_dir, raw, log), run_dir, name, delay)
             landed.setdefault(command, []).append(where)
@@ -100,8 +92,7 @@ def test_sigkilled_build_ids_and_build_samples_leave_the_previous_output_and_rer
                 assert tree(out) == previous, f"{command} killed {where}: {name}/ changed"
             assert comparable(tree(out)) == comparable(reference)
             visible = {p.name for p in run_dir.iterdir() if not p.name.startswith(".")}
-            assert visible <= {"dataset", "item_ids", "samples", "sasrec"}, visible
-            _sasrec_cache_whole(run_dir)
+            assert visible <= {"dataset", "baseline", "item_ids", "samples"}, visible
         assert landed[command][-1] == "mid-write", landed  # the staged folder existed when the kill came
         _run(command, run_dir, raw, log)
         again = tree(out)

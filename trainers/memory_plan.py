@@ -56,7 +56,7 @@ class MemoryPlan:
     def table(self) -> str:
         rows = [("parameters (weights)", self.weights), ("gradients", self.gradients),
                 ("optimizer state (fp32 master + Adam m, v)", self.optimizer), ("activations", self.activations),
-                ("logits + their gradient (fp32)", self.logits),
+                ("logits, fp32 copy + gradients", self.logits),
                 (f"CUDA context + {int((FRAGMENTATION - 1) * 100)}% allocator slack",
                  self.overhead + (self.total - self.overhead) * (1 - 1 / FRAGMENTATION)),
                 ("total per GPU", self.total), ("GPU memory", self.gpu_memory)]
@@ -124,6 +124,26 @@ def _row_params(config) -> int:
     return config.hidden_size * (1 if config.tie_word_embeddings else 2)
 
 
+LOGIT_BYTES = 12
+"""Per token and vocabulary row: the 16-bit logits, their fp32 copy for the loss, and its fp32 and 16-bit
+gradients. Measured with the activations below on an H100 (bench/RESULTS.md, GPU suite of 2026-11-24)."""
+LORA_INPUTS = {"q_proj": "h", "k_proj": "h", "v_proj": "h", "o_proj": "h", "gate_proj": "h", "up_proj": "h",
+               "down_proj": "i"}
+"""The input width of each adapted projection (hidden or intermediate): LoRA keeps a dropped-out copy of it."""
+
+
+def activation_bytes_per_token(h: int, intermediate: int, train) -> float:
+    """Bytes one decoder layer keeps per token for backward, in 16-bit, as Hugging Face's LLaMA runs it (RMSNorm
+    in fp32, unfused SwiGLU, SDPA or FlexAttention keeping no s x s matrix): 16 h + 16 i, plus 2 bytes per input
+    element of every LoRA-adapted projection. Fitted to the GPU suite's peaks on an H100 (SmolLM2-135M full,
+    LLaMA-2-7B and Llama-3.1-8B LoRA, 4,096-token rows; every attention path, checkpointing on and off):
+    measured / plan is 0.84-1.06 there, where Korthikanti et al.'s 34 h (GPT's fused 4h MLP) gave 1.02-1.85."""
+    per_token = 16 * h + 16 * intermediate
+    if train.finetune == "lora":
+        per_token += sum(2 * (intermediate if LORA_INPUTS.get(m) == "i" else h) for m in train.lora_target_modules)
+    return per_token
+
+
 def plan_memory(cfg, new_tokens: int, shape=None) -> MemoryPlan:
     """Per-GPU memory of the configured run; ``shape`` replaces ``model.size``'s shape (the GPU suite plans
     Llama-3.1-8B this way)."""
@@ -144,11 +164,10 @@ def plan_memory(cfg, new_tokens: int, shape=None) -> MemoryPlan:
     optimizer = trainable * 12 / (n if stage >= 1 else 1)
     tokens = t.micro_batch_size * t.seq_len
     h, layers = config.hidden_size, config.num_hidden_layers
-    # Korthikanti et al. 2022 without the attention-score term (SDPA / flash keep no s x s matrix):
-    # ~34 h bytes per token per layer in 16-bit; checkpointing keeps one layer's input per layer plus one layer.
-    per_layer = 34 * h * tokens * b / 2
+    per_layer = activation_bytes_per_token(h, config.intermediate_size, t) * tokens * b / 2
+    # Checkpointing keeps one layer's input per layer, plus one layer recomputed at a time.
     activations = (2 * h * tokens * b / 2) * layers + per_layer if t.gradient_checkpointing else per_layer * layers
-    logits = tokens * (config.vocab_size + new_tokens) * 4 * 2
+    logits = tokens * (config.vocab_size + new_tokens) * LOGIT_BYTES
     return MemoryPlan(label, n, math.ceil(n / t.gpus_per_node), stage, b, total,
                       total - new_tokens * _row_params(config), trainable, new_tokens,
                       tokens, weights, gradients, optimizer, activations, logits, CUDA_CONTEXT_BYTES,

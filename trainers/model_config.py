@@ -12,13 +12,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.config_schema import choice, positive
+from data_pipeline.config_schema import choice, positive
 
 SIZES = ("tiny", "smollm2_135m", "llama2_7b", "llama2_13b", "auto")
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 """``model_type`` (config.json) of the decoder-only families the trainer and the beam search run: Llama 2/3.x,
 Mistral, Qwen2/2.5, Qwen3."""
-NEW_TOKEN_INITS = ("mean", "text")
+NEW_TOKEN_INITS = ("mean", "text", "collab")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
 
@@ -65,7 +65,9 @@ class ModelConfig:
     meta_init: bool = True
     """llama2_7b/13b without checkpoint: build on the meta device (shapes only); false allocates random weights."""
     new_token_init: str = "mean"
-    """New token rows: mean (of the existing rows, plus seeded noise) | text (mean of the rows of a text's pieces)."""
+    """New token rows: mean (of the existing rows, plus seeded noise) | text (mean of the rows of a text's pieces) |
+    collab (the run's collaborative vectors, projected to the model's width: an atomic item token gets its baseline
+    SASRec item vector from run_dir/baseline, a semantic code token its codebook vector; other tokens the mean)."""
     new_token_noise: float = 0.01
     """Std of the noise on mean-initialised rows, as a fraction of the per-dimension std of the existing rows."""
     dtype: str = "float32"

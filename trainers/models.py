@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import AddedToken
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
@@ -159,7 +160,7 @@ def _load_checkpoint(checkpoint: str, shape: LlamaShape | None, size: str, dtype
 
 def extend_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, new_tokens: Sequence[str],
                       *, token_texts: Mapping[str, str] | None = None, init: str = "mean", noise: float = 0.01,
-                      seed: int = 0) -> list[int]:
+                      seed: int = 0, token_vectors: Mapping[str, np.ndarray] | None = None) -> list[int]:
     """Add ``new_tokens`` to the tokenizer (whole, never split), grow the embedding and head, and initialise
     the rows of the tokens that were not there before. Returns the ids of ``new_tokens``, in order.
 
@@ -204,15 +205,18 @@ def extend_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         log.info("vocabulary: %d tokens (%d new)%s", needed, len(fresh), ", meta: shapes only" if embed.is_meta else "")
         return ids
     pieces = _text_pieces(tokenizer, fresh_tokens, token_texts, base_rows, init)
+    vectors = [token_vectors.get(t) for t in fresh_tokens] if init == "collab" and token_vectors else None
     with torch.no_grad():
-        embed[fresh] = _new_rows(embed[:base_rows], pieces, noise, seed).to(embed.dtype)
+        embed[fresh] = _new_rows(embed[:base_rows], pieces, noise, seed, vectors).to(embed.dtype)
         if head is not None and head.weight is not embed:
-            head.weight[fresh] = _new_rows(head.weight[:base_rows], pieces, noise, seed + 1).to(head.weight.dtype)
+            head.weight[fresh] = _new_rows(head.weight[:base_rows], pieces, noise, seed + 1,
+                                           vectors).to(head.weight.dtype)
             if getattr(head, "bias", None) is not None:
                 head.bias[fresh] = head.bias[:base_rows].float().mean().to(head.bias.dtype)
     from_text = sum(p is not None for p in pieces)
-    log.info("vocabulary: %d tokens (%d new: %d from text, %d mean%s)", needed, len(fresh), from_text,
-             len(fresh) - from_text, f" + noise {noise}" if noise else "")
+    collab = sum(v is not None for v in vectors) if vectors else 0
+    log.info("vocabulary: %d tokens (%d new: %d from text, %d collaborative, %d mean%s)", needed, len(fresh),
+             from_text, collab, len(fresh) - from_text - collab, f" + noise {noise}" if noise else "")
     return ids
 
 
@@ -233,10 +237,13 @@ def _text_pieces(tokenizer: PreTrainedTokenizerBase | None, tokens: list[str], t
     return out
 
 
-def _new_rows(old: torch.Tensor, pieces: list[list[int] | None], noise: float, seed: int) -> torch.Tensor:
+def _new_rows(old: torch.Tensor, pieces: list[list[int] | None], noise: float, seed: int,
+              vectors: list[np.ndarray | None] | None = None) -> torch.Tensor:
     """Rows for the new tokens: the mean of their pieces' rows, or the mean of all old rows plus noise scaled
     by the per-dimension std of the old rows. Computed in float32 on the CPU generator, so seeded rows are the
-    same on every device."""
+    same on every device. With ``vectors`` (collaborative init) a token that has one gets the mean plus its
+    vector through a seeded orthonormal projection to the model's width (dot products kept), scaled to the old
+    rows' spread."""
     old32 = old.detach().float()
     mean = old32.mean(dim=0)
     generator = torch.Generator().manual_seed(seed)
@@ -245,6 +252,16 @@ def _new_rows(old: torch.Tensor, pieces: list[list[int] | None], noise: float, s
     for k, ids in enumerate(pieces):
         if ids is not None:
             rows[k] = old32[ids].mean(dim=0)
+    have = [k for k, v in enumerate(vectors or []) if v is not None]
+    if have:
+        given = torch.as_tensor(np.stack([vectors[k] for k in have]), dtype=torch.float32)
+        given = given - given.mean(dim=0)
+        width, dim = old32.shape[1], given.shape[1]
+        basis = torch.randn(max(width, dim), min(width, dim), generator=torch.Generator().manual_seed(seed + 7))
+        basis = torch.linalg.qr(basis).Q  # orthonormal columns
+        projected = given @ (basis.T if dim <= width else basis)[:dim, :width]
+        scale = old32.std(dim=0).mean() / projected.std(dim=0).mean().clamp_min(1e-12)
+        rows[have] = (mean + projected * scale).to(rows.device)
     return rows
 
 
@@ -253,14 +270,13 @@ def _new_rows(old: torch.Tensor, pieces: list[list[int] | None], noise: float, s
 def tiny(new_tokens: Sequence[str] = (), *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
          num_kv_heads: int = 2, intermediate_size: int = 256, max_position_embeddings: int = 1024,
          tie_embeddings: bool = True, checkpoint: str = "", token_texts: Mapping[str, str] | None = None,
+         token_vectors: Mapping[str, np.ndarray] | None = None,
          new_token_init: str = "mean", new_token_noise: float = 0.01, dtype: str | torch.dtype = "float32",
          attn_implementation: str = "auto", device: str = "cpu",
          seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A debug-size LLaMA (random init from ``seed``) with the byte-level BPE tokenizer shipped in
     ``trainers/assets/tiny_tokenizer`` (4,096 tokens, trained on the Scientific item texts)."""
-    tokenizer_dir = checkpoint if checkpoint and _has_tokenizer(checkpoint) else TINY_TOKENIZER_DIR
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
-    tokenizer.model_max_length = max_position_embeddings
+    tokenizer = _tiny_tokenizer(checkpoint, max_position_embeddings)
     shape = LlamaShape(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=len(tokenizer),
                        max_position_embeddings=max_position_embeddings, tie_embeddings=tie_embeddings)
@@ -274,13 +290,15 @@ def tiny(new_tokens: Sequence[str] = (), *, hidden_size: int = 128, num_layers: 
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
             torch.manual_seed(seed)
             model = LlamaForCausalLM._from_config(config, dtype=torch_dtype, attn_implementation=attn)
-    extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, init=new_token_init,
+    extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, token_vectors=token_vectors,
+                      init=new_token_init,
                       noise=new_token_noise, seed=seed)
     return model.to(device), tokenizer
 
 
 def smollm2_135m(new_tokens: Sequence[str] = (), *, checkpoint: str = "",
                  token_texts: Mapping[str, str] | None = None, new_token_init: str = "mean",
+                 token_vectors: Mapping[str, np.ndarray] | None = None,
                  new_token_noise: float = 0.01, dtype: str | torch.dtype = "float32",
                  attn_implementation: str = "auto", device: str = "cpu",
                  seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -296,13 +314,24 @@ def smollm2_135m(new_tokens: Sequence[str] = (), *, checkpoint: str = "",
         model = LlamaForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF, dtype=torch_dtype,
                                                  attn_implementation=attn)
         _drop_gguf_quantizer(_checked(model, SMOLLM2_135M, str(folder), "smollm2_135m"))
-    if checkpoint and _has_tokenizer(checkpoint):
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(str(smollm2_folder()), gguf_file=SMOLLM2_GGUF)
-    extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, init=new_token_init,
+    tokenizer = _smollm2_tokenizer(checkpoint)
+    extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, token_vectors=token_vectors,
+                      init=new_token_init,
                       noise=new_token_noise, seed=seed)
     return model.to(device), tokenizer
+
+
+def _tiny_tokenizer(checkpoint: str, max_position_embeddings: int) -> PreTrainedTokenizerFast:
+    tokenizer_dir = checkpoint if checkpoint and _has_tokenizer(checkpoint) else TINY_TOKENIZER_DIR
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    tokenizer.model_max_length = max_position_embeddings
+    return tokenizer
+
+
+def _smollm2_tokenizer(checkpoint: str) -> PreTrainedTokenizerBase:
+    if checkpoint and _has_tokenizer(checkpoint):
+        return AutoTokenizer.from_pretrained(checkpoint)
+    return AutoTokenizer.from_pretrained(str(smollm2_folder()), gguf_file=SMOLLM2_GGUF)
 
 
 def smollm2_folder() -> Path:
@@ -331,6 +360,7 @@ def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
 
 def _llama2(shape: LlamaShape, size: str, new_tokens: Sequence[str], *, checkpoint: str,
             token_texts: Mapping[str, str] | None, new_token_init: str, new_token_noise: float,
+            token_vectors: Mapping[str, np.ndarray] | None = None,
             dtype: str | torch.dtype, attn_implementation: str, device: str | None,
             seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     device = device or ("cpu" if checkpoint else "meta")
@@ -342,12 +372,17 @@ def _llama2(shape: LlamaShape, size: str, new_tokens: Sequence[str], *, checkpoi
     torch_dtype = _torch_dtype(dtype)
     attn = attention_implementation(attn_implementation, torch_dtype)
     model = _load_checkpoint(checkpoint, shape, size, torch_dtype, attn).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint) if _has_tokenizer(checkpoint) else None
+    tokenizer = _checkpoint_tokenizer(checkpoint)
     if tokenizer is None:
         log.warning("%s has no tokenizer files: new tokens take the ids after the vocabulary", checkpoint)
-    extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, init=new_token_init,
+    extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, token_vectors=token_vectors,
+                      init=new_token_init,
                       noise=new_token_noise, seed=seed)
     return model, tokenizer
+
+
+def _checkpoint_tokenizer(checkpoint: str) -> PreTrainedTokenizerBase | None:
+    return AutoTokenizer.from_pretrained(checkpoint) if checkpoint and _has_tokenizer(checkpoint) else None
 
 
 def random_llama(shape: LlamaShape, new_tokens: Sequence[str] = (), *, dtype: str | torch.dtype = "bfloat16",
@@ -366,6 +401,7 @@ def random_llama(shape: LlamaShape, new_tokens: Sequence[str] = (), *, dtype: st
 
 
 def llama2_7b(new_tokens: Sequence[str] = (), *, checkpoint: str = "", token_texts: Mapping[str, str] | None = None,
+              token_vectors: Mapping[str, np.ndarray] | None = None,
               new_token_init: str = "mean", new_token_noise: float = 0.01, dtype: str | torch.dtype = "bfloat16",
               attn_implementation: str = "auto", device: str | None = None,
               seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
@@ -375,21 +411,25 @@ def llama2_7b(new_tokens: Sequence[str] = (), *, checkpoint: str = "", token_tex
     order. With ``checkpoint`` the weights and the tokenizer come from that Hugging Face folder (on the CPU
     unless ``device`` says otherwise)."""
     return _llama2(LLAMA2_7B, "llama2_7b", new_tokens, checkpoint=checkpoint, token_texts=token_texts,
+                   token_vectors=token_vectors,
                    new_token_init=new_token_init, new_token_noise=new_token_noise, dtype=dtype,
                    attn_implementation=attn_implementation, device=device, seed=seed)
 
 
 def llama2_13b(new_tokens: Sequence[str] = (), *, checkpoint: str = "", token_texts: Mapping[str, str] | None = None,
+              token_vectors: Mapping[str, np.ndarray] | None = None,
                new_token_init: str = "mean", new_token_noise: float = 0.01, dtype: str | torch.dtype = "bfloat16",
                attn_implementation: str = "auto", device: str | None = None,
                seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """LLaMA-2 13B (13,015,864,320 parameters at 32,000 tokens); meta device and tokenizer as for llama2_7b."""
     return _llama2(LLAMA2_13B, "llama2_13b", new_tokens, checkpoint=checkpoint, token_texts=token_texts,
+                   token_vectors=token_vectors,
                    new_token_init=new_token_init, new_token_noise=new_token_noise, dtype=dtype,
                    attn_implementation=attn_implementation, device=device, seed=seed)
 
 
 def from_checkpoint(new_tokens: Sequence[str] = (), *, checkpoint: str, token_texts: Mapping[str, str] | None = None,
+                    token_vectors: Mapping[str, np.ndarray] | None = None,
                     new_token_init: str = "mean", new_token_noise: float = 0.01, dtype: str | torch.dtype = "float32",
                     attn_implementation: str = "auto", device: str = "cpu",
                     seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -403,16 +443,19 @@ def from_checkpoint(new_tokens: Sequence[str] = (), *, checkpoint: str, token_te
     attn = attention_implementation(attn_implementation, torch_dtype)
     model = _load_checkpoint(checkpoint, None, "auto", torch_dtype, attn)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, init=new_token_init,
+    extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, token_vectors=token_vectors,
+                      init=new_token_init,
                       noise=new_token_noise, seed=seed)
     return model.to(device), tokenizer
 
 
 def build_model(cfg: ModelConfig, new_tokens: Sequence[str] = (), token_texts: Mapping[str, str] | None = None,
-                device: str = "cpu", seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+                device: str = "cpu", seed: int = 0, token_vectors: Mapping[str, np.ndarray] | None = None
+                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Build ``cfg.size`` with ``new_tokens`` in its vocabulary. LLaMA-2 sizes without a checkpoint go on the
     meta device while ``cfg.meta_init`` holds (tokenizer None, see ``llama2_7b``); everything else on ``device``."""
-    common = dict(checkpoint=cfg.checkpoint, token_texts=token_texts, new_token_init=cfg.new_token_init,
+    common = dict(checkpoint=cfg.checkpoint, token_texts=token_texts, token_vectors=token_vectors,
+                  new_token_init=cfg.new_token_init,
                   new_token_noise=cfg.new_token_noise, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                   device=device, seed=seed)
     if cfg.size == "tiny":
@@ -436,3 +479,17 @@ def build_model(cfg: ModelConfig, new_tokens: Sequence[str] = (), token_texts: M
              f"{count_parameters(model):,}", model.config.vocab_size, len(new_tokens), model.dtype,
              model.device, model.config._attn_implementation)
     return model, tokenizer
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase | None:
+    """The tokenizer ``build_model(cfg)`` returns, before any new token, without reading or allocating a weight
+    (the subtoken ID scheme needs only this); None where build_model has none (LLaMA-2 sizes without checkpoint)."""
+    if cfg.size == "tiny":
+        return _tiny_tokenizer(cfg.checkpoint, cfg.tiny.max_position_embeddings)
+    if cfg.size == "smollm2_135m":
+        return _smollm2_tokenizer(cfg.checkpoint)
+    if cfg.size == "auto":
+        return AutoTokenizer.from_pretrained(cfg.checkpoint)
+    if cfg.size in ("llama2_7b", "llama2_13b"):
+        return _checkpoint_tokenizer(cfg.checkpoint)
+    raise ValueError(f"model.size: {cfg.size!r} is not one of tiny, smollm2_135m, llama2_7b, llama2_13b, auto")

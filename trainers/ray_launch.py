@@ -10,6 +10,8 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
+
 from data_pipeline import storage
 from data_pipeline.errors import DataError
 from data_pipeline.item_ids.item_codes import STATS_FILE, TOKENS_FILE, item_ids_files, read_item_ids_checked
@@ -58,8 +60,31 @@ def training_inputs(cfg) -> dict:
         rows = codes.select(["item_id", "tokens"]).to_pylist() if codes is not None else []
         token_texts = {row["tokens"][0]: titles[row["item_id"]] for row in rows
                        if len(row["tokens"]) == 1 and row["item_id"] in titles}
+    token_vectors = collaborative_vectors(cfg, run_dir, new_tokens) if cfg.model.new_token_init == "collab" else None
     return {"run_dir": run_dir, "new_tokens": new_tokens, "tasks": tasks, "token_texts": token_texts,
-            "prompt_format": prompt_format}
+            "token_vectors": token_vectors, "prompt_format": prompt_format}
+
+
+def collaborative_vectors(cfg, run_dir: str, new_tokens: list[str]) -> dict[str, np.ndarray]:
+    """model.new_token_init=collab: token -> collaborative vector. Semantic code tokens take their codebook
+    vectors (item_ids/codebook.safetensors); single-token items (atomic IDs) the baseline SASRec's item vectors
+    (run_dir/baseline, trained with this run's settings)."""
+    from data_pipeline.baseline_files import baseline_settings, read_item_embeddings
+    from data_pipeline.item_ids.build_ids import load_codebook
+    from data_pipeline.item_ids.item_codes import CODEBOOK_FILE, semantic_vocabulary
+
+    item_ids = storage.join(run_dir, "item_ids")
+    if storage.exists(storage.join(item_ids, CODEBOOK_FILE)):
+        codebooks = load_codebook(item_ids)[0]["codebooks"].float().numpy()  # [levels, codes, dim]
+        levels, codes, _ = codebooks.shape
+        return {t: codebooks[k // codes, k % codes] for k, t in enumerate(semantic_vocabulary(levels, codes))}
+    vectors, _ = read_item_embeddings(run_dir, baseline_settings(cfg.baseline, cfg.seed))
+    table = storage.read_parquet(storage.join(item_ids, "item_codes.parquet"), ["item_id", "tokens"]).to_pylist()
+    single = {row["tokens"][0]: vectors[row["item_id"]] for row in table if len(row["tokens"]) == 1}
+    if not single:
+        raise DataError(storage.join(item_ids, "item_codes.parquet"), "model.new_token_init=collab needs atomic item "
+                        "tokens or a semantic codebook; this scheme has neither")
+    return single
 
 
 def ray_storage(uri: str):

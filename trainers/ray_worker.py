@@ -147,8 +147,8 @@ def train_loop_per_worker(config: dict) -> None:
     local_train = _local_train_dir(run_dir)
     new_tokens = config["new_tokens"]
 
-    model, tokenizer = build_model(cfg.model, new_tokens, token_texts=config.get("token_texts"), device="cpu",
-                                   seed=cfg.seed)
+    model, tokenizer = build_model(cfg.model, new_tokens, token_texts=config.get("token_texts"),
+                                   token_vectors=config.get("token_vectors"), device="cpu", seed=cfg.seed)
     new_ids = tokenizer.convert_tokens_to_ids(new_tokens) if new_tokens else []
     lora = tcfg.finetune == "lora"
     if lora:

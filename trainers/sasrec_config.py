@@ -1,4 +1,5 @@
-"""Config of the SASRec stage: model size, objective, optimiser and early stopping.
+"""Config of the baseline stage (section ``baseline:``, `recllm train-baseline`): SASRec's size, objective,
+optimiser and early stopping.
 
 One SASRec serves two consumers: its item embeddings feed the semantic-ID quantiser, and the
 trained model is the sequential baseline the evaluation compares against.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.config_schema import choice, positive
+from data_pipeline.config_schema import choice, positive
 
 LOSSES = ("ce", "bce")
 

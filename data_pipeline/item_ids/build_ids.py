@@ -1,8 +1,9 @@
 """Stage 2 of the flow: run_dir/dataset/ -> run_dir/item_ids/ (how the LM names every item).
 
-Picks the scheme, gathers its inputs (SASRec embeddings and LM text targets for semantic, the tokenizer for
-subtoken, the index file for precomputed) and writes item_codes.parquet, tokens.json, stats.json and, for
-semantic, codebook.safetensors through one staged folder, so a failed run leaves no item_ids/.
+Picks the scheme, gathers its inputs and writes item_codes.parquet, tokens.json, stats.json and, for
+semantic, codebook.safetensors through one staged folder, so a failed run leaves no item_ids/. The inputs that
+come from a model are given to it, never built here: the baseline's item embeddings (read from run_dir/baseline/,
+written by `recllm train-baseline`), the LM's text embedder and its tokenizer (passed in by the CLI stage).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import pyarrow as pa
 import safetensors.torch
 
 from data_pipeline import storage
+from data_pipeline.baseline_files import baseline_dir, read_item_embeddings
 from data_pipeline.errors import DataError
 from data_pipeline.item_ids.atomic_ids import build_atomic_ids
 from data_pipeline.item_ids.config import IdsConfig
 from data_pipeline.item_ids.item_codes import (CODEBOOK_FILE, ITEM_CODES_FILE, STATS_FILE, TOKENS_FILE, BuiltIds,
                                               read_item_codes)
-from data_pipeline.item_ids.llm_text_targets import (TextEmbedder, TextTargetsUnavailable, item_texts,
-                                                    lm_text_embedder)
+from data_pipeline.item_ids.llm_text_targets import TextEmbedder, TextTargetsUnavailable, item_texts
 from data_pipeline.item_ids.precomputed_ids import build_precomputed_ids, index_path_from_manifest
 from data_pipeline.item_ids.subtoken_ids import build_subtoken_ids
 from data_pipeline.prepare import read_manifest
@@ -53,7 +54,7 @@ def codebook_bytes(tensors: dict, metadata: dict[str, str]) -> bytes:
     return data[:8] + canonical + data[8 + header_len:]
 
 
-def _text_targets(ids: IdsConfig, items: pa.Table, manifest: dict, model_cfg, text_embedder: TextEmbedder | None
+def _text_targets(ids: IdsConfig, items: pa.Table, manifest: dict, text_embedder: TextEmbedder | None
                   ) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
     """LLM-alignment targets, or None with the reason it is off."""
     option = {"requested": ids.llm_alignment, "used": False, "weight": ids.llm_alignment_weight}
@@ -64,13 +65,12 @@ def _text_targets(ids: IdsConfig, items: pa.Table, manifest: dict, model_cfg, te
     if not manifest.get("has_text") or not has_text.any():
         log.info("LLM alignment skipped: the dataset has no item text; codes come from behaviour alone")
         return None, None, {**option, "note": "skipped: the dataset has no item text"}
-    if text_embedder is None and model_cfg is None:
-        log.info("LLM alignment skipped: no model config to take input embeddings from")
-        return None, None, {**option, "note": "skipped: no model config"}
-    embed = text_embedder or lm_text_embedder(model_cfg, ids.llm_alignment_max_tokens)
+    if text_embedder is None:
+        log.info("LLM alignment skipped: no LM text embedder given")
+        return None, None, {**option, "note": "skipped: no LM text embedder given"}
     start = time.perf_counter()
     try:
-        present = np.asarray(embed([t for t in texts if t is not None]), np.float32)
+        present = np.asarray(text_embedder([t for t in texts if t is not None]), np.float32)
     except TextTargetsUnavailable as exc:
         log.info("LLM alignment skipped: %s", exc)
         return None, None, {**option, "note": f"skipped: {exc}"}
@@ -82,15 +82,23 @@ def _text_targets(ids: IdsConfig, items: pa.Table, manifest: dict, model_cfg, te
     return targets, has_text, option
 
 
-def _semantic(ids: IdsConfig, dataset_dir: str, items: pa.Table, manifest: dict, seed: int, model_cfg,
-              item_embeddings: np.ndarray | None, text_embedder: TextEmbedder | None) -> BuiltIds:
-    from data_pipeline.item_ids.semantic_ids import build_semantic_ids, collaborative_embeddings
+def _baseline_embeddings(run_dir: str, num_items: int, settings: dict | None) -> tuple[np.ndarray, dict]:
+    """The quantiser's input: the item embeddings of the run's baseline (run_dir/baseline/), one row per item."""
+    embeddings, manifest = read_item_embeddings(run_dir, settings)
+    if len(embeddings) != num_items:
+        raise DataError(baseline_dir(run_dir), f"{len(embeddings)} item embeddings for {num_items} items; "
+                                               "run `recllm train-baseline`")
+    info = {"source": "baseline", "model": manifest["model"], "path": baseline_dir(run_dir),
+            "hidden_size": int(embeddings.shape[1]), "epochs_run": len(manifest["losses"]),
+            "valid_NDCG@10": manifest["valid"].get("NDCG@10")}
+    return embeddings, info
 
-    if item_embeddings is None:
-        item_embeddings, embedding_info = collaborative_embeddings(dataset_dir, ids.sasrec, seed)
-    else:
-        embedding_info = {"source": "given", "hidden_size": int(np.shape(item_embeddings)[1])}
-    targets, mask, llm_option = _text_targets(ids, items, manifest, model_cfg, text_embedder)
+
+def _semantic(ids: IdsConfig, items: pa.Table, manifest: dict, seed: int, item_embeddings: np.ndarray,
+              embedding_info: dict, text_embedder: TextEmbedder | None) -> BuiltIds:
+    from data_pipeline.item_ids.semantic_ids import build_semantic_ids
+
+    targets, mask, llm_option = _text_targets(ids, items, manifest, text_embedder)
     built = build_semantic_ids(items, item_embeddings, ids, seed, targets, mask)
     built.stats["options"] = {"llm_alignment": llm_option, "item_embeddings": embedding_info,
                               **{k: getattr(ids, k) for k in ("latent_dim", "hidden_dim", "epochs", "batch_size",
@@ -98,9 +106,9 @@ def _semantic(ids: IdsConfig, dataset_dir: str, items: pa.Table, manifest: dict,
     return built
 
 
-def _assign_only(ids: IdsConfig, run_dir: str, dataset_dir: str, items: pa.Table, seed: int,
-                 item_embeddings: np.ndarray | None) -> BuiltIds:
-    from data_pipeline.item_ids.semantic_ids import assign_new_items, collaborative_embeddings
+def _assign_only(ids: IdsConfig, run_dir: str, items: pa.Table, item_embeddings: np.ndarray,
+                 embedding_info: dict) -> BuiltIds:
+    from data_pipeline.item_ids.semantic_ids import assign_new_items
 
     source = ids.assign_from or storage.join(run_dir, "item_ids")
     stats_uri = storage.join(source, STATS_FILE)
@@ -109,26 +117,10 @@ def _assign_only(ids: IdsConfig, run_dir: str, dataset_dir: str, items: pa.Table
     scheme = storage.read_json(stats_uri).get("scheme")
     if scheme != "semantic":
         raise DataError(source, f"assign_only needs a semantic item_ids/ (with a codebook), found scheme {scheme!r}")
-    if item_embeddings is None:
-        item_embeddings, embedding_info = collaborative_embeddings(dataset_dir, ids.sasrec, seed)
-    else:
-        embedding_info = {"source": "given"}
     built = assign_new_items(items, item_embeddings, read_item_codes(source), load_codebook(source))
     built.stats["options"] = {"assign_from": source, "item_embeddings": embedding_info,
                               "llm_alignment": {"used": False, "note": "assign_only: frozen codebook, no training"}}
     return built
-
-
-def _model_tokenizer(model_cfg):
-    if model_cfg is None:
-        raise DataError("model", "scheme subtoken needs the model's tokenizer; add a model: section")
-    from trainers.models import build_model
-
-    tokenizer = build_model(model_cfg)[1]
-    if tokenizer is None:
-        raise DataError("model", f"scheme subtoken needs a tokenizer; model {model_cfg.size} has none without "
-                                 "model.checkpoint")
-    return tokenizer
 
 
 def write_item_ids(built: BuiltIds, out_uri: str) -> None:
@@ -144,13 +136,15 @@ def write_item_ids(built: BuiltIds, out_uri: str) -> None:
         staged.write_bytes(STATS_FILE, json.dumps(built.stats, indent=2).encode())
 
 
-def run_build_ids(ids: IdsConfig, run_dir: str, seed: int = 0, model_cfg=None, *,
-                  item_embeddings: np.ndarray | None = None, text_embedder: TextEmbedder | None = None,
-                  tokenizer=None) -> dict:
+def run_build_ids(ids: IdsConfig, run_dir: str, seed: int = 0, *, tokenizer=None,
+                  text_embedder: TextEmbedder | None = None, baseline_settings: dict | None = None,
+                  item_embeddings: np.ndarray | None = None) -> dict:
     """Build run_dir/item_ids/ from run_dir/dataset/; returns stats.json's content.
 
-    ``seed`` is the run's seed (``ids.seed`` overrides it). The keyword arguments replace the default
-    inputs: SASRec item embeddings, the LM text embedder and the LM tokenizer (tests, benches).
+    ``seed`` is the run's seed (``ids.seed`` overrides it for the quantiser). Inputs from the model layer:
+    ``tokenizer`` (subtoken needs it), ``text_embedder`` (semantic's LLM alignment; without it alignment is
+    skipped, with a note). Semantic reads the item embeddings of run_dir/baseline/, checked against
+    ``baseline_settings`` when given; ``item_embeddings`` replaces them (tests, benches).
     """
     start = time.perf_counter()
     dataset_dir = storage.join(run_dir, "dataset")
@@ -163,13 +157,21 @@ def run_build_ids(ids: IdsConfig, run_dir: str, seed: int = 0, model_cfg=None, *
             users = storage.read_parquet(storage.join(dataset_dir, "users.parquet")).sort_by("user_id")
         built = build_atomic_ids(items, users, ids.content_tokens)
     elif ids.scheme == "subtoken":
-        built = build_subtoken_ids(items, tokenizer if tokenizer is not None else _model_tokenizer(model_cfg))
+        if tokenizer is None:
+            raise DataError("model", "scheme subtoken splits item names with the LM's tokenizer, and this model has "
+                                     "none (LLaMA-2 sizes have one only with model.checkpoint)")
+        built = build_subtoken_ids(items, tokenizer)
     elif ids.scheme == "precomputed":
         built = build_precomputed_ids(items, ids.index_path or index_path_from_manifest(manifest, dataset_dir))
-    elif ids.assign_only:
-        built = _assign_only(ids, run_dir, dataset_dir, items, seed, item_embeddings)
     else:
-        built = _semantic(ids, dataset_dir, items, manifest, seed, model_cfg, item_embeddings, text_embedder)
+        if item_embeddings is None:
+            item_embeddings, embedding_info = _baseline_embeddings(run_dir, items.num_rows, baseline_settings)
+        else:
+            embedding_info = {"source": "given", "hidden_size": int(np.shape(item_embeddings)[1])}
+        if ids.assign_only:
+            built = _assign_only(ids, run_dir, items, item_embeddings, embedding_info)
+        else:
+            built = _semantic(ids, items, manifest, seed, item_embeddings, embedding_info, text_embedder)
     built.stats = {"scheme": ids.scheme, "items": items.num_rows, "seed": seed, "new_tokens": len(built.new_tokens),
                    **built.stats, "total_seconds": round(time.perf_counter() - start, 2)}
     out = storage.join(run_dir, "item_ids")

@@ -1,22 +1,17 @@
 """Config of the item-identifier stage (dataset/ -> item_ids/): which scheme names the items, and how
-the semantic quantiser is trained (levels x codes, losses, optimiser, cold-start assignment).
+the semantic quantiser is trained (levels x codes, losses, optimiser, cold-start assignment). The item
+embeddings it codes are the baseline's (section ``baseline:``, stage train-baseline).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from launcher.config_schema import choice, positive
-from trainers.sasrec_config import SASRecConfig
+from data_pipeline.config_schema import choice, positive
 
 SCHEMES = ("atomic", "subtoken", "semantic", "precomputed")
 MAX_LEVELS = 26
 """Semantic tokens are named <a_12>, <b_7>, ...: one letter per level."""
-
-
-def _sasrec_for_ids() -> SASRecConfig:
-    # The quantiser needs item embeddings, not the best ranking model: a short, early-stopped run.
-    return SASRecConfig(epochs=60, patience=3, eval_every=4)
 
 
 @dataclass
@@ -59,8 +54,6 @@ class IdsConfig:
     """assign_only: the item_ids/ folder holding the frozen codebook and existing codes; empty uses run_dir/item_ids."""
     index_path: str = ""
     """precomputed: the <name>.index.json to import; empty uses <source path>/<name>.index.json from the dataset manifest."""
-    sasrec: SASRecConfig = field(default_factory=_sasrec_for_ids)
-    """semantic: the SASRec trained on the train split whose item embeddings the quantiser codes."""
 
     def check(self) -> list[str]:
         problems = choice("scheme", self.scheme, SCHEMES)

@@ -1,18 +1,16 @@
 """Targets of the semantic scheme's LLM-alignment loss: for each item, the mean of the chosen LM's input
-embedding rows over the tokens of its title + description. Computed once before the quantiser trains.
+embedding rows over the tokens of its title + description. Computed once before the quantiser trains, by a
+``TextEmbedder`` the caller passes in (the run's LM: ``trainers.lm_text_embedder``).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger("recllm.item_ids")
 
 TextEmbedder = Callable[[list[str]], np.ndarray]
 """Texts -> [len(texts), T] float32 targets."""
@@ -44,19 +42,3 @@ def mean_input_embeddings(texts: list[str], embedding_table: torch.Tensor, token
 class TextTargetsUnavailable(Exception):
     """The chosen LM cannot give text targets (no tokenizer, or shapes-only weights); alignment is skipped."""
 
-
-def lm_text_embedder(model_cfg, max_tokens: int) -> TextEmbedder:
-    """The default embedder: the LM the run fine-tunes, as built by trainers.models (no new tokens)."""
-
-    def embed(texts: list[str]) -> np.ndarray:
-        from trainers.models import build_model
-
-        model, tokenizer = build_model(model_cfg)
-        table = model.get_input_embeddings().weight
-        if tokenizer is None or table.is_meta:
-            raise TextTargetsUnavailable(f"model {model_cfg.size} is built without weights or tokenizer "
-                                         "(meta init); give model.checkpoint")
-        log.info("LLM-alignment targets from %s input embeddings %s", model_cfg.size, tuple(table.shape))
-        return mean_input_embeddings(texts, table, tokenizer, max_tokens)
-
-    return embed

@@ -1,7 +1,7 @@
-"""The semantic scheme (Semantic Convergence): collaborative item embeddings -> trained residual quantiser ->
-collision-free L x C code sequences, with per-level usage statistics; and cold-start assignment, which
-codes items new to the catalogue with a frozen codebook. Called by the build-ids stage; the bench calls
-``quantise_catalogue`` directly.
+"""The semantic scheme (Semantic Convergence): collaborative item embeddings (the baseline's, which the build-ids
+stage reads from run_dir/baseline/) -> trained residual quantiser -> collision-free L x C code sequences, with
+per-level usage statistics; and cold-start assignment, which codes items new to the catalogue with a frozen
+codebook. Called by the build-ids stage; the bench calls ``quantise_catalogue`` directly.
 """
 
 from __future__ import annotations
@@ -26,21 +26,6 @@ log = logging.getLogger("recllm.item_ids")
 RESOLUTION_RULE = ("the item nearest its code keeps a shared sequence; the others take the nearest free code at "
                    "the last level under their own prefix (the nearer item first when two want the same one), "
                    "backing off a level only where that prefix is full; no extra level is appended")
-
-
-def collaborative_embeddings(dataset_dir: str, sasrec_cfg, seed: int) -> tuple[np.ndarray, dict]:
-    """Item embeddings of a SASRec trained on the train split: the quantiser's input."""
-    from data_pipeline import storage
-    from trainers.sasrec import cached_sasrec
-
-    start = time.perf_counter()
-    # Saved beside the dataset (run_dir/sasrec/): `recllm evaluate` reuses it as its baseline when configs match.
-    cache_root = storage.join(dataset_dir.rstrip("/").rsplit("/", 1)[0], "sasrec")
-    model, losses = cached_sasrec(dataset_dir, sasrec_cfg, seed, cache_root)
-    embeddings = model.item_embeddings().detach().float().cpu().numpy()
-    info = {"source": "sasrec", "hidden_size": int(embeddings.shape[1]), "epochs_run": len(losses),
-            "final_train_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - start, 2)}
-    return embeddings, info
 
 
 def code_usage(codes: np.ndarray, num_codes: int) -> list[dict]:
@@ -121,8 +106,8 @@ def assign_new_items(items: pa.Table, embeddings: np.ndarray, existing: pa.Table
     """Code the items of ``items`` absent from ``existing`` (matched on source_id) with the frozen codebook.
 
     Known items keep their codes; every existing sequence stays reserved. ``embeddings`` (one row per item of
-    ``items``) may come from a freshly trained SASRec: they are mapped into the codebook's input space by a
-    least-squares fit on the known items.
+    ``items``) come from the baseline retrained on the grown catalogue: they are mapped into the codebook's input
+    space by a least-squares fit on the known items.
     """
     tensors, metadata = codebook
     model = load_quantizer(tensors, metadata)

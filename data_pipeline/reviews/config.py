@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from launcher.config_schema import positive
+from data_pipeline.config_schema import positive
 
 
 @dataclass

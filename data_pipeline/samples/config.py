@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from launcher.config_schema import positive
+from data_pipeline.config_schema import positive
 
 TASKS = ("sequential", "text_alignment", "query_alignment", "negative", "collaborative_lm", "content_lm",
          "user_sequence")

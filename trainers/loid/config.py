@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from launcher.config_schema import choice, positive
+from data_pipeline.config_schema import choice, positive
 
 POOLING = ("mean", "last")
 MERGE = ("stack", "merge")

@@ -218,9 +218,8 @@ def run_loid(cfg) -> dict[str, dict]:
     """Every planned run in order (sources, then target variants)."""
     import dataclasses
 
+    from data_pipeline.config_schema import ConfigError
     from data_pipeline.reviews.build_reviews import read_reviews
-
-    from launcher.config_schema import ConfigError
 
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))  # workers run elsewhere
     ds_path = Path(cfg.loid.deepspeed_config)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.config_schema import positive
+from data_pipeline.config_schema import positive
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Every stage owns a dataclass of its fields (one-line docstring per field, written as a string
 literal under it); ``launcher.config`` composes them. Validation collects every problem
-(field, value, what was expected) and raises once.
+(field, value, what was expected) and raises once. The config leaf: it imports nothing of the project, so
+every layer's config may import it.
 """
 
 from __future__ import annotations
