@@ -1,6 +1,7 @@
 """LoID end to end on a slice of the shipped review data: build-reviews, the source plugin and a target run with
-the frozen plugin through the real Ray Train + DeepSpeed ZeRO-2 path (2 CPU workers, a few steps), then
-evaluate-loid rebuilding the runs from their saved plugins."""
+the frozen plugin through the shared Ray Train + DeepSpeed ZeRO-2 loop (2 CPU workers, a few steps), then
+evaluate-loid rebuilding the runs from their saved plugins; a worker killed mid-run resumes from the last
+checkpoint and ends exactly where an uninterrupted run does; train.use_gpu reaches the Ray trainer."""
 
 from __future__ import annotations
 
@@ -38,20 +39,22 @@ def test_source_plugin_then_target_rerun_on_ray_and_deepspeed(sliced_domains, tm
     run_dir = tmp_path / "run"
     common = [str(REPO / "configs" / "loid_reviews.yaml"), f"run_dir={run_dir}",
               f"reviews.domains={{digital_music: {sliced_domains / 'dm'}, musical_instruments: {sliced_domains / 'mi'}}}",
-              "loid.max_steps=4", "loid.batch_size=8", "loid.log_every=2", "loid.variants=[loid_plugin]"]
+              "loid.max_steps=4", "train.micro_batch_size=8", "train.log_every=2", "train.warmup_steps=1",
+              "train.checkpoint_every=2", "loid.variants=[loid_plugin]"]
     assert main(["build-reviews", *common]) == 0
     assert main(["train-loid", *common]) == 0
     source, target = run_dir / "loid" / "source_digital_music", run_dir / "loid" / "loid_plugin"
     for run in (source, target):
         info = json.loads((run / "run.json").read_text())
         assert info["steps"] == 4 and info["workers"] == 2
-        logged = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+        logged = [json.loads(line) for line in (run / "train" / "logs" / "metrics.jsonl").read_text().splitlines()]
         train_logs = [r for r in logged if "loss" in r]
-        assert [r["step"] for r in train_logs] == [2, 4] and all(r["l_cl"] >= 0 for r in train_logs)
+        assert [r["step"] for r in train_logs] == [2, 4] and all(r["objective/l_cl"] >= 0 for r in train_logs)
         valid_logs = [r for r in logged if "valid_mse" in r]
         assert valid_logs and info["best_step"] in [r["step"] for r in valid_logs]
         assert info["best_valid_mse"] == pytest.approx(min(r["valid_mse"] for r in valid_logs))
-        assert list((run / "logs").glob("events.out.tfevents.*"))
+        assert list((run / "train" / "logs").glob("events.out.tfevents.*"))
+        assert list((run / "train" / "ray").glob("*/checkpoint_*/trainer_state.json"))  # Ray Train checkpoints
     info = json.loads((target / "run.json").read_text())
     assert info["sources"] == ["digital_music"]
     # under DeepSpeed, after the steps, the frozen base and the frozen source plugin hash the same as before
