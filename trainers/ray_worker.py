@@ -1,6 +1,8 @@
 """The loop each Ray Train worker runs for `recllm train`: build the model with the new tokens, wrap it in
 DeepSpeed, stream this worker's samples (tokenised inside Ray Data), pack them, train, report metrics and
 checkpoints to Ray, and resume exactly (weights, optimizer, schedule, loader position) after a failure.
+A recipe that is not a packed LM loss (LoID) brings its own model, batches and validation through optional
+hooks of its objective (recipes/registry.py); the loop stays one and never asks which recipe it runs.
 """
 
 from __future__ import annotations
