@@ -352,7 +352,7 @@ def deepspeed_steps(model, batches, tcfg, device: str, warmup: int) -> dict:
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=0, world_size=1)
     try:
         ds_config = dse.deepspeed_config(tcfg, str(REPO / tcfg.deepspeed_config), bf16=device.startswith("cuda"))
-        engine, _, _ = dse.wrap_model(model, tcfg, ds_config)
+        engine, _, _ = dse.wrap_model(model, dse.OptimizerSettings.of(tcfg), ds_config)
         objective = SFTObjective(num_tasks=1)
         engine.train()
         _reset_peak(device)

@@ -131,10 +131,22 @@ def build_reviews(cfg) -> None:
 
 
 def train_loid(cfg) -> None:
-    from trainers.loid.ray_train import run_loid
+    """Every planned LoID run in order (source plugins, then the target variants), each through `run_training`."""
+    import json
+    from pathlib import Path
 
-    for name, out in run_loid(cfg).items():
-        print(f"loid {name}: {out['steps']} steps, loss {out['loss']:.4f} -> {out['dir']}")
+    from data_pipeline.config_schema import ConfigError, validate_tree
+    from trainers.loid.objective import planned_runs, run_config
+    from trainers.ray_launch import run_training
+
+    runs = [run_config(cfg, run["name"]) for run in planned_runs(cfg)]  # every run's config checked before Ray
+    problems = sorted({p for run in runs for p in validate_tree(run)})
+    if problems:
+        raise ConfigError(problems)
+    for run in runs:
+        out = run_training(run)
+        info = json.loads((Path(out["model_dir"]) / "run.json").read_text())
+        print(f"loid {run.loid.run}: {info['steps']} steps, loss {info['loss']:.4f} -> {out['model_dir']}")
 
 
 def evaluate_loid(cfg) -> None:

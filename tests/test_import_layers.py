@@ -48,7 +48,7 @@ LAYERS = {
     "inference.topk_scorer": 4,
     "inference.user_prompts": 4,
     "trainers": 5,
-    "trainers.loid.ray_train": 5,
+    "trainers.loid.objective": 5,
     "trainers.loid.evaluate": 5,
     "inference": 5,
     "launcher": 6,

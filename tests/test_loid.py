@@ -252,10 +252,11 @@ def test_reviews_config_reports_every_problem():
 
     with pytest.raises(ConfigError) as err:
         load_config(str(REPO / "configs" / "loid_reviews.yaml"),
-                    ["reviews.k=0", "reviews.min_user_reviews=2", "loid.batch_size=1", "loid.pooling=max",
+                    ["reviews.k=0", "reviews.min_user_reviews=2", "train.micro_batch_size=1", "loid.pooling=max",
                      "loid.target_domain=digital_music"])
     text = str(err.value)
-    for needle in ("reviews.k: 0 must be > 0", "reviews.min_user_reviews: 2", "loid.batch_size: in-batch",
+    for needle in ("reviews.k: 0 must be > 0", "reviews.min_user_reviews: 2",
+                   "train.micro_batch_size: 1; LoID's in-batch negatives",
                    "loid.pooling: 'max'", "loid.target_domain: 'digital_music' is also a source"):
         assert needle in text, text
 
@@ -278,11 +279,51 @@ def test_biased_mf_recovers_a_low_rank_rating_matrix():
     assert mse(pred, ratings[te]) < 0.1 * mean_mse
 
 
-def test_train_loid_refuses_zero3_before_starting_ray(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["train-loid", "train", "plan"])
+def test_loid_refuses_zero3_before_starting_ray(command, tmp_path, capsys):
+    """A cross-section rule of the loid objective (its check(root)): every entry point rejects it at load."""
     from launcher.cli import main
     from tests.conftest import REPO
 
-    rc = main(["train-loid", str(REPO / "configs" / "loid_reviews.yaml"), f"run_dir={tmp_path / 'run'}",
-               "loid.deepspeed_config=configs/deepspeed/zero3.json"])
-    assert rc == 2 and "is ZeRO-3" in capsys.readouterr().err
+    rc = main([command, str(REPO / "configs" / "loid_reviews.yaml"), f"run_dir={tmp_path / 'run'}",
+               "train.deepspeed_config=configs/deepspeed/zero3.json"])
+    assert rc == 2 and "train.deepspeed_config: configs/deepspeed/zero3.json is ZeRO-3" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_loid_run_must_be_a_planned_run():
+    from data_pipeline.config_schema import ConfigError
+    from launcher.config import load_config
+    from tests.conftest import REPO
+
+    with pytest.raises(ConfigError, match="loid.run: 'loid_extra' is not a planned run"):
+        load_config(str(REPO / "configs" / "loid_reviews.yaml"), ["loid.run=loid_extra"])
+
+
+def test_review_feed_strides_ranks_and_resumes_exactly():
+    """Ranks take disjoint batches of one seeded permutation per epoch; a feed restored from state_dict yields
+    exactly the batches the original goes on to yield, across the epoch boundary."""
+    from trainers.loid.batches import ReviewFeed
+
+    class Rows:
+        def batch(self, rows):
+            return list(rows)
+
+    rows = np.arange(40)
+    feeds = [ReviewFeed(Rows(), rows, 4, rank, 2, seed=3) for rank in range(2)]
+    assert feeds[0].per_epoch == 5
+    epoch0 = [[feed.next_batch() for _ in range(5)] for feed in feeds]
+    assert all(f.epoch_done for f in feeds)
+    seen = [r for batches in epoch0 for b in batches for r in b]
+    assert sorted(seen) == list(range(40))  # one epoch: every review once, over both ranks
+    feed = feeds[0]
+    for _ in range(2):
+        feed.next_batch()
+    state = feed.state_dict()
+    ahead = [feed.next_batch() for _ in range(6)]
+    resumed = ReviewFeed(Rows(), rows, 4, 0, 2, seed=3)
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch() for _ in range(6)] == ahead and resumed.epoch == 2
+    assert epoch0[0] != [b for b in ahead[:5]]  # a new permutation each epoch
+    with pytest.raises(ValueError, match="cannot resume on 3"):
+        ReviewFeed(Rows(), rows, 4, 0, 3, seed=3).load_state_dict(state)

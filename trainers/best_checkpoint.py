@@ -15,8 +15,11 @@ BEST_STATE = "best_state.json"
 
 
 class BestCheckpoint:
-    def __init__(self, folder: str, patience: int, state: dict | None = None):
+    def __init__(self, folder: str, patience: int, state: dict | None = None, metric: str = VALID_METRIC,
+                 higher_is_better: bool = True):
+        """``metric``/``higher_is_better``: what selects the round (a recipe's ``selection``; LoID: valid_mse, lower)."""
         self.folder, self.patience = str(folder), patience
+        self.metric, self.sign = metric, 1.0 if higher_is_better else -1.0
         state = state or {}
         self.step: int | None = state.get("step")
         self.metrics: dict[str, float] = state.get("metrics", {})
@@ -24,7 +27,7 @@ class BestCheckpoint:
 
     @property
     def score(self) -> float:
-        return self.metrics.get(VALID_METRIC, float("-inf"))
+        return self.sign * self.metrics[self.metric] if self.metric in self.metrics else float("-inf")
 
     @property
     def stopped(self) -> bool:
@@ -35,7 +38,7 @@ class BestCheckpoint:
 
     def offer(self, step: int, metrics: dict[str, float]) -> bool:
         """Record a validation round; True when it is the best so far (strictly better: ties keep the earlier)."""
-        if metrics[VALID_METRIC] > self.score:
+        if self.sign * metrics[self.metric] > self.score:
             self.step, self.metrics, self.bad_rounds = step, dict(metrics), 0
             return True
         self.bad_rounds += 1

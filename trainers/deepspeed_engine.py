@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,31 +41,48 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def lr_lambda(cfg: TrainConfig):
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
+    """Multiplier of the peak LR at each step: linear warm-up, then constant, cosine or linear decay."""
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        if cfg.lr_schedule == "constant":
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-        if cfg.lr_schedule == "linear":
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
             return max(0.0, 1.0 - progress)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return factor
 
 
-def wrap_model(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict):
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """What ``wrap_model`` needs to build the optimizer and its LR schedule, and nothing else."""
+
+    learning_rate: float
+    weight_decay: float
+    warmup_steps: int
+    total_steps: int
+    lr_schedule: str = "cosine"
+
+    @classmethod
+    def of(cls, train: TrainConfig) -> "OptimizerSettings":
+        return cls(train.learning_rate, train.weight_decay, train.warmup_steps, train.max_steps, train.lr_schedule)
+
+
+def wrap_model(model: torch.nn.Module, optim: OptimizerSettings, ds_config: dict):
     """(engine, optimizer, scheduler). A torch AdamW avoids compiling DeepSpeed's fused ops."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    schedule = lr_lambda(cfg)
+    optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+    schedule = lr_lambda(optim.warmup_steps, optim.total_steps, optim.lr_schedule)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, dist_init_required=False,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     log.info("DeepSpeed ZeRO-%d, micro batch %d x %d accumulation, bf16=%s", zero_stage(ds_config),
-             cfg.micro_batch_size, cfg.gradient_accumulation_steps, ds_config.get("bf16", {}).get("enabled"))
+             ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"],
+             ds_config.get("bf16", {}).get("enabled"))
     return engine, optimizer, scheduler
 
 

@@ -57,6 +57,11 @@ class PackedBatch:
     """Per position, the entity key of the token (0 for text and padding), when the samples carry them."""
 
     @property
+    def slots(self) -> int:
+        """Token positions in the batch, padding included."""
+        return self.input_ids.numel()
+
+    @property
     def efficiency(self) -> float:
         return self.real_tokens / self.input_ids.numel()
 

@@ -110,32 +110,61 @@ def latest_checkpoint(storage_uri: str) -> str | None:
     return proto + folder if proto and not folder.startswith(proto) else folder
 
 
-def run_training(cfg) -> dict:
-    inputs = training_inputs(cfg)  # before Ray is even imported
+def worker_shape(train) -> dict:
+    """How many workers, what each reserves and which collective backend: GPU + NCCL when train.use_gpu, else
+    CPU + gloo. Pure, so a test (or `plan`) sees what ``run_training`` gives Ray without starting it."""
+    return {"num_workers": train.num_workers, "use_gpu": train.use_gpu,
+            "resources_per_worker": {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})},
+            "backend": "nccl" if train.use_gpu else "gloo"}
 
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainers.export_model import export_checkpoint
-    from trainers.recipes.registry import objective_class
-    from trainers.ray_worker import train_loop_per_worker
-
-    t = cfg.train
-    run_dir = inputs["run_dir"]
-    repo = Path(__file__).resolve().parents[1]
+def worker_env(train, repo: Path) -> dict:
+    """The workers' environment: this checkout on PYTHONPATH, object-store credentials, DeepSpeed pinned to the
+    CPU accelerator unless training on GPUs."""
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for key in os.environ:  # object-store endpoint and credentials reach the workers too
         if key in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") or key.startswith("AWS_"):
             env[key] = os.environ[key]
-    if not t.use_gpu:
+    if not train.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    connect_ray(env)
-    storage_uri = storage.join(run_dir, "train", "ray")
+    return env
+
+
+def default_train_dir(cfg) -> str:
+    return storage.join(storage.absolute(cfg.run_dir), "train")
+
+
+def export_language_model(cfg, checkpoint_dir, inputs: dict, train_dir: str) -> str:
+    """The default ``export``: run_dir/model/, a Hugging Face folder (see export_model)."""
+    from trainers.export_model import export_checkpoint
+
+    return export_checkpoint(cfg, checkpoint_dir, inputs["new_tokens"], inputs["token_texts"],
+                             prompt_format=inputs["prompt_format"])
+
+
+def run_training(cfg) -> dict:
+    """Train ``train.objective`` through the one worker loop; the recipe's optional hooks (``inputs``,
+    ``train_dir``, ``export``; see recipes/registry.py) replace the language-model defaults."""
+    from trainers.recipes.registry import objective_class
+
+    t = cfg.train
+    objective_cls = objective_class(t.objective)
+    inputs = getattr(objective_cls, "inputs", training_inputs)(cfg)  # checked before Ray is even imported
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainers.ray_worker import train_loop_per_worker
+
+    train_dir = getattr(objective_cls, "train_dir", default_train_dir)(cfg)
+    repo = Path(__file__).resolve().parents[1]
+    connect_ray(worker_env(t, repo))
+    storage_uri = storage.join(train_dir, "ray")
     storage_path, storage_fs = ray_storage(storage_uri)
     if not t.resume:  # a fresh run must not export an earlier run's best round
-        storage.remove(storage.join(run_dir, "train", "best"))
+        storage.remove(storage.join(train_dir, "best"))
     resume_from = None
     if t.resume:
         path = latest_checkpoint(storage_uri)
@@ -143,7 +172,7 @@ def run_training(cfg) -> dict:
             raise DataError(storage_uri, "train.resume=true but no checkpoint here")
         resume_from = ray.train.Checkpoint(ray_storage(path)[0], filesystem=storage_fs)
         log.info("resuming from %s", path)
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    shape = worker_shape(t)
     deepspeed_config = str((repo / t.deepspeed_config) if not Path(t.deepspeed_config).is_absolute()
                            else Path(t.deepspeed_config))
     if not Path(deepspeed_config).exists():
@@ -152,11 +181,12 @@ def run_training(cfg) -> dict:
         train_loop_per_worker,
         # The class itself travels to the workers, so an objective registered outside the project (a user's
         # module, a test) trains without an edit here.
-        train_loop_config={"cfg": cfg, "deepspeed_config": deepspeed_config, **inputs,
-                           "objective_cls": objective_class(t.objective),
+        train_loop_config={"cfg": cfg, "deepspeed_config": deepspeed_config, **inputs, "train_dir": train_dir,
+                           "objective_cls": objective_cls,
                            "fault": {k: v for k, v in os.environ.items() if k.startswith("RECLLM_FAULT_")}},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=shape["num_workers"], use_gpu=shape["use_gpu"],
+                                     resources_per_worker=shape["resources_per_worker"]),
+        torch_config=TorchConfig(backend=shape["backend"]),
         run_config=RunConfig(name="sft", storage_path=storage_path, storage_filesystem=storage_fs,
                              logging_config=LoggingConfig(log_level=ray_train_log_level()),
                              failure_config=FailureConfig(max_failures=t.max_failures),
@@ -167,6 +197,5 @@ def run_training(cfg) -> dict:
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     with result.checkpoint.as_directory() as ckpt:
-        out = export_checkpoint(cfg, ckpt, inputs["new_tokens"], inputs["token_texts"],
-                                prompt_format=inputs["prompt_format"])
+        out = getattr(objective_cls, "export", export_language_model)(cfg, ckpt, inputs, train_dir)
     return {"model_dir": out, "metrics": result.metrics, "checkpoint": result.checkpoint.path}

@@ -1,6 +1,8 @@
 """The loop each Ray Train worker runs for `recllm train`: build the model with the new tokens, wrap it in
 DeepSpeed, stream this worker's samples (tokenised inside Ray Data), pack them, train, report metrics and
 checkpoints to Ray, and resume exactly (weights, optimizer, schedule, loader position) after a failure.
+A recipe that is not a packed LM loss (LoID) brings its own model, batches and validation through optional
+hooks of its objective (recipes/registry.py); the loop stays one and never asks which recipe it runs.
 """
 
 from __future__ import annotations
@@ -81,6 +83,10 @@ class SampleFeed:
                 self.stream.set_epoch(self.stream.epoch + 1)
         raise RuntimeError("the sample stream is empty for this worker (fewer samples than workers?)")
 
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
     def next_batch(self):
         while self.packer.need():
             table = self._next_table()
@@ -117,16 +123,47 @@ def _peak_flops(cfg) -> float:
     return peak_bf16_flops(torch.cuda.get_device_name())
 
 
+def build_language_model(cfg, config: dict):
+    """The default ``build_model``: the LM with the run's new tokens, LoRA when train.finetune=lora."""
+    from trainers.lora_adapters import apply_lora
+    from trainers.models import build_model
+    from trainers.recipes.registry import BuiltModel
+
+    tcfg, new_tokens = cfg.train, config["new_tokens"]
+    model, tokenizer = build_model(cfg.model, new_tokens, token_texts=config.get("token_texts"),
+                                   token_vectors=config.get("token_vectors"), device="cpu", seed=cfg.seed)
+    new_ids = tokenizer.convert_tokens_to_ids(new_tokens) if new_tokens else []
+    lora = tcfg.finetune == "lora"
+    if lora:
+        model = apply_lora(model, new_ids, tcfg.lora_r, tcfg.lora_alpha, tcfg.lora_dropout, tcfg.lora_target_modules)
+    if tcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if lora:
+            model.enable_input_require_grads()
+    return BuiltModel(model, tokenizer, trainable_only=lora)
+
+
+def packed_sample_feed(cfg, config: dict, objective, tokenizer, rank: int, world: int) -> SampleFeed:
+    """The default batch source: this worker's share of samples/train, tokenised in Ray Data, packed."""
+    from data_pipeline.streaming_reader import ShardedParquetStream
+
+    tcfg = cfg.train
+    entity_index = objective.data.entities if getattr(objective, "uses_entities", False) else None
+    stream = ShardedParquetStream(storage.join(config["run_dir"], "samples", "train"), rank, world, batch_size=64,
+                                  seed=cfg.seed, columns=SAMPLE_COLUMNS,
+                                  transform=tokenizing_transform(tokenizer, config["tasks"], tcfg.seq_len,
+                                                                 entity_index))
+    return SampleFeed(stream, Packer(tcfg.seq_len, tcfg.micro_batch_size, pad_token_id(tokenizer),
+                                     tcfg.packing_lookahead, tcfg.packing))
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     from trainers import deepspeed_engine as dse
 
     dse.configure_cpu_accelerator()
-    from data_pipeline.streaming_reader import ShardedParquetStream
-    from trainers.lora_adapters import apply_lora
     from trainers.metrics_logger import MetricsLogger
-    from trainers.models import build_model
     from trainers.recipes.registry import ObjectiveContext
 
     cfg = config["cfg"]
@@ -142,21 +179,15 @@ def train_loop_per_worker(config: dict) -> None:
     if tcfg.use_gpu:
         torch.cuda.set_device(device)
     run_dir = config["run_dir"]  # a local path or a remote URI: inputs are read through data_pipeline.storage
+    train_dir = config["train_dir"]  # run_dir/train unless the recipe keeps several runs apart
     # What the loop appends to as it goes (metrics, samples seen, digests) is written to a local folder and,
     # when run_dir is remote, copied there at each checkpoint and at the end.
-    local_train = _local_train_dir(run_dir)
+    local_train = _local_train_dir(train_dir)
     new_tokens = config["new_tokens"]
+    objective_cls = config["objective_cls"]
 
-    model, tokenizer = build_model(cfg.model, new_tokens, token_texts=config.get("token_texts"),
-                                   token_vectors=config.get("token_vectors"), device="cpu", seed=cfg.seed)
-    new_ids = tokenizer.convert_tokens_to_ids(new_tokens) if new_tokens else []
-    lora = tcfg.finetune == "lora"
-    if lora:
-        model = apply_lora(model, new_ids, tcfg.lora_r, tcfg.lora_alpha, tcfg.lora_dropout, tcfg.lora_target_modules)
-    if tcfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        if lora:
-            model.enable_input_require_grads()
+    built = getattr(objective_cls, "build_model", build_language_model)(cfg, config)
+    model, tokenizer, lora = built.model, built.tokenizer, built.trainable_only
 
     checkpoint = ray.train.get_checkpoint()
     trainer_state: dict = {"step": 0}
@@ -168,18 +199,15 @@ def train_loop_per_worker(config: dict) -> None:
         log.info("resuming from %s at step %d", ckpt_dir, trainer_state["step"])
 
     ds_config = dse.deepspeed_config(tcfg, config["deepspeed_config"], bf16=tcfg.use_gpu)
-    engine, optimizer, scheduler = dse.wrap_model(model, tcfg, ds_config)
+    engine, optimizer, scheduler = dse.wrap_model(model, dse.OptimizerSettings.of(tcfg), ds_config)
 
     tasks = config["tasks"]
-    objective = config["objective_cls"].build(ObjectiveContext(
+    objective = objective_cls.build(ObjectiveContext(
         tcfg, tasks, tokenizer, new_tokens, run_dir, cfg.seed, rank,
-        getattr(model.config, "_attn_implementation", "sdpa")))
-    entity_index = objective.data.entities if objective.uses_entities else None
-    stream = ShardedParquetStream(storage.join(run_dir, "samples", "train"), rank, world, batch_size=64, seed=cfg.seed,
-                                  columns=SAMPLE_COLUMNS,
-                                  transform=tokenizing_transform(tokenizer, tasks, tcfg.seq_len, entity_index))
-    feed = SampleFeed(stream, Packer(tcfg.seq_len, tcfg.micro_batch_size, pad_token_id(tokenizer),
-                                     tcfg.packing_lookahead, tcfg.packing))
+        getattr(getattr(model, "config", None), "_attn_implementation", "sdpa"), root=cfg, world=world,
+        data=built.data))
+    batches = getattr(objective, "batches", None)
+    feed = batches(rank, world) if batches else packed_sample_feed(cfg, config, objective, tokenizer, rank, world)
     if ckpt_dir:
         dse.load_optimizer(engine, scheduler, ckpt_dir / "optimizer" / f"rank-{rank}")
         feed.load_state_dict(json.loads((ckpt_dir / "loader" / f"rank-{rank}.json").read_text()))
@@ -187,11 +215,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     metrics_log = MetricsLogger(local_train / "logs", enabled=rank == 0)
     validation = None
-    if tcfg.eval_every:
+    recipe_validation = getattr(objective, "validate", None)  # a recipe's own rounds (LoID: valid MSE per epoch)
+    if tcfg.eval_every and not recipe_validation:
         from trainers.validation import ValidationRound
 
         validation = ValidationRound(cfg, run_dir, tokenizer, config["prompt_format"], rank, world, device)
-    best = BestCheckpoint(storage.join(run_dir, "train", "best"), tcfg.patience, trainer_state.get("best"))
+    best = BestCheckpoint(storage.join(train_dir, "best"), tcfg.patience, trainer_state.get("best"),
+                          *getattr(objective, "selection", ()))
     seen_log = None
     if tcfg.record_samples:
         (local_train / "samples_seen").mkdir(parents=True, exist_ok=True)
@@ -221,7 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
             engine.step()
             window["loss"] += loss.item() / tcfg.gradient_accumulation_steps
             window["tokens"] += batch.real_tokens
-            window["slots"] += batch.input_ids.numel()
+            window["slots"] += batch.slots
             task_window += per_task
             step_ids += batch.sample_ids
         step += 1
@@ -233,9 +263,13 @@ def train_loop_per_worker(config: dict) -> None:
         if progress:
             progress.update(1)
         valid_metrics = {}
-        if validation and (step % tcfg.eval_every == 0 or step == tcfg.max_steps):
+        if recipe_validation:
+            with dse.full_parameters(engine):
+                valid_metrics = recipe_validation(engine, step, feed, step == tcfg.max_steps)
+        elif validation and (step % tcfg.eval_every == 0 or step == tcfg.max_steps):
             with dse.full_parameters(engine):
                 valid_metrics = validation.score(engine)
+        if valid_metrics:
             if best.offer(step, valid_metrics):  # every rank has the same all-reduced score: same decision
                 best.save(dse.gathered_state(engine, trainable_only=lora), rank, lora)
             if rank == 0:
@@ -249,7 +283,7 @@ def train_loop_per_worker(config: dict) -> None:
         tokens_per_s = window["tokens"] * world / max(window["time"], 1e-9)
         metrics = {"step": step, "loss": window["loss"] / window["steps"], "tokens_per_s": tokens_per_s,
                    "packing_efficiency": window["tokens"] / max(window["slots"], 1),
-                   "lr": scheduler.get_last_lr()[0], "epoch": feed.stream.epoch}
+                   "lr": scheduler.get_last_lr()[0], "epoch": feed.epoch}
         for i, task in enumerate(tasks):
             if task_window[i, 1]:
                 metrics[f"loss/{task}"] = task_window[i, 0] / task_window[i, 1]
@@ -263,36 +297,40 @@ def train_loop_per_worker(config: dict) -> None:
         task_window[:] = 0
         if is_ckpt:
             _report_with_checkpoint(engine, scheduler, feed, step, rank, lora, tokenizer, metrics, dse, best)
-            _publish(local_train, run_dir, rank)
+            _publish(local_train, train_dir, rank)
         else:
             ray.train.report(metrics)
     if progress:
         progress.close()
+    finish = getattr(objective, "finish", None)  # what a recipe records about the trained model (LoID: frozen parts)
+    if finish:
+        (local_train / "objective").mkdir(parents=True, exist_ok=True)
+        (local_train / "objective" / f"rank-{rank}.json").write_text(json.dumps(finish(engine.module)))
     digest = dse.param_digest(engine)  # collective under ZeRO-3
     (local_train / "param_digest").mkdir(parents=True, exist_ok=True)
     (local_train / "param_digest" / f"rank-{rank}.txt").write_text(digest)
     metrics_log.close()
     if seen_log:
         seen_log.close()
-    _publish(local_train, run_dir, rank)
+    _publish(local_train, train_dir, rank)
 
 
-def _local_train_dir(run_dir: str) -> Path:
-    if not storage.is_remote(run_dir):
-        return Path(run_dir) / "train"
+def _local_train_dir(train_dir: str) -> Path:
+    if not storage.is_remote(train_dir):
+        return Path(train_dir)
     import hashlib
 
-    return Path(tempfile.gettempdir()) / f"recllm-train-{hashlib.sha256(run_dir.encode()).hexdigest()[:12]}"
+    return Path(tempfile.gettempdir()) / f"recllm-train-{hashlib.sha256(train_dir.encode()).hexdigest()[:12]}"
 
 
-def _publish(local_train: Path, run_dir: str, rank: int) -> None:
-    """Copy this rank's appended files to a remote run_dir (local runs write in place)."""
-    if not storage.is_remote(run_dir):
+def _publish(local_train: Path, train_dir: str, rank: int) -> None:
+    """Copy this rank's appended files to a remote train_dir (local runs write in place)."""
+    if not storage.is_remote(train_dir):
         return
-    mine = [f"samples_seen/rank-{rank}.jsonl", f"param_digest/rank-{rank}.txt"]
+    mine = [f"samples_seen/rank-{rank}.jsonl", f"param_digest/rank-{rank}.txt", f"objective/rank-{rank}.json"]
     if rank == 0:
         mine += [p.relative_to(local_train).as_posix() for p in (local_train / "logs").rglob("*") if p.is_file()]
-    fs, root = storage.filesystem(storage.join(run_dir, "train"))
+    fs, root = storage.filesystem(train_dir)
     for rel in mine:
         if (local_train / rel).is_file():
             fs.makedirs(f"{root}/{rel.rsplit('/', 1)[0]}", exist_ok=True)

@@ -1,2 +1,2 @@
 """LoID: per-domain LoRA plugins for rating prediction with ID-content alignment (pure torch/peft here;
-the Ray Train + DeepSpeed loop lives in trainers/loid/ray_train.py)."""
+the registered objective, trained by the shared Ray Train loop, is trainers/loid/objective.py)."""

@@ -1,11 +1,12 @@
 """LoID batches: one domain's reviews (build-reviews output) tokenised once, then cut into batches that carry
 the user/item IDs, ratings and the k-review histories of both sides (unique history reviews encoded once).
-Pure torch; the Ray worker and the evaluator both use it.
+``ReviewFeed`` is the resumable batch source the shared training loop draws from. Pure torch; the Ray worker and
+the evaluator both use it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +30,20 @@ class ReviewBatch:
     """[B, K] rows of review_tokens holding the user's past reviews, -1 where fewer than K."""
     item_history: torch.Tensor
     """[B, K] rows of review_tokens holding the item's past reviews, -1 where fewer than K."""
+    sample_ids: list[int] = field(default_factory=list)
+    """The reviews' row numbers in the domain table (what a worker records as the samples it trained on)."""
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.review_mask.sum())
+
+    @property
+    def slots(self) -> int:
+        return self.review_mask.numel()
+
+    def to(self, device) -> "ReviewBatch":
+        return replace(self, **{f: getattr(self, f).to(device) for f in ("user_ids", "item_ids", "ratings",
+                                "review_tokens", "review_mask", "user_history", "item_history")})
 
 
 class DomainReviews:
@@ -74,4 +89,41 @@ class DomainReviews:
             return out
 
         return ReviewBatch(torch.as_tensor(self.user_ids[rows]), torch.as_tensor(self.item_ids[rows]),
-                           torch.as_tensor(self.ratings[rows]), tokens, mask, index(hist_u), index(hist_i))
+                           torch.as_tensor(self.ratings[rows]), tokens, mask, index(hist_u), index(hist_i),
+                           [int(r) for r in rows])
+
+
+class ReviewFeed:
+    """One worker's batches of a domain's train reviews, epoch after epoch. Every rank draws the same seeded
+    permutation of an epoch and takes its own stride of it; ``state_dict`` (epoch, position) resumes exactly."""
+
+    def __init__(self, reviews: DomainReviews, rows: np.ndarray, batch_size: int, rank: int, world: int, seed: int):
+        self.reviews, self.rows, self.batch_size = reviews, rows, batch_size
+        self.rank, self.world, self.seed = rank, world, seed
+        self.per_epoch = len(rows) // (batch_size * world)
+        if self.per_epoch == 0:
+            raise ValueError(f"{len(rows)} train reviews < batch size {batch_size} x {world} workers")
+        self.epoch, self.position = 0, 0
+        self._order: np.ndarray | None = None
+
+    @property
+    def epoch_done(self) -> bool:
+        """True right after the last batch of an epoch."""
+        return self.position == self.per_epoch
+
+    def next_batch(self) -> ReviewBatch:
+        if self.epoch_done:
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.rows)
+        lo = (self.position * self.world + self.rank) * self.batch_size
+        self.position += 1
+        return self.reviews.batch(self._order[lo: lo + self.batch_size])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "world": self.world}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world"] != self.world:
+            raise ValueError(f"loader state of {state['world']} workers cannot resume on {self.world}")
+        self.epoch, self.position, self._order = state["epoch"], state["position"], None

@@ -1,6 +1,7 @@
-"""Config of LoID (section ``loid:``): which domain is the source and which the target, the LoRA plugin,
-the ID-content attention and triplet loss (margin, lambda), the schedule and the Ray/DeepSpeed shape.
-Read by `recllm train-loid` and `recllm evaluate-loid`.
+"""Config of LoID (section ``loid:``, the nested config of ``train.objective=loid``): which domain is the source
+and which the target, the LoRA plugin, the ID-content attention and triplet loss (margin, lambda) and how many
+epochs. The workers, DeepSpeed, optimizer, batch size and checkpoints are the shared ``train:`` section's.
+Read by `recllm train-loid` (and `recllm train` with train.objective=loid) and `recllm evaluate-loid`.
 """
 
 from __future__ import annotations
@@ -44,34 +45,17 @@ class LoIDConfig:
     """Passes over the domain's train reviews."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: run all epochs)."""
-    batch_size: int = 32
-    """Reviews per worker per step (also the in-batch negatives)."""
-    learning_rate: float = 5e-4
-    """AdamW learning rate."""
-    weight_decay: float = 0.01
-    """AdamW weight decay (also on the ID embeddings: most users have 1-3 train reviews)."""
-    num_workers: int = 2
-    """Ray Train workers (CPU processes here)."""
-    cpus_per_worker: float = 0.5
-    """CPUs Ray reserves per worker."""
-    deepspeed_config: str = "configs/deepspeed/zero2.json"
-    """DeepSpeed JSON; "auto" values are filled from this section."""
-    log_every: int = 10
-    """Steps between TensorBoard/JSONL records."""
+    run: str = ""
+    """The planned run that `recllm train` trains (source_<domain> or a variant); `train-loid` sets it per run."""
 
     def check(self) -> list[str]:
         problems = choice("pooling", self.pooling, POOLING) + choice("plugins", self.plugins, MERGE)
         problems += [f"variants: {v!r} is not one of ['loid', 'loid_no_cl', 'loid_plugin']" for v in self.variants
                      if v not in ("loid", "loid_no_cl", "loid_plugin")]
-        for name in ("lora_r", "lora_alpha", "review_tokens", "epochs", "batch_size", "learning_rate",
-                     "num_workers", "cpus_per_worker", "log_every"):
+        for name in ("lora_r", "lora_alpha", "review_tokens", "epochs"):
             problems += positive(name, getattr(self, name))
-        for name in ("cl_weight", "margin", "max_steps", "weight_decay"):
+        for name in ("cl_weight", "margin", "max_steps"):
             problems += positive(name, getattr(self, name), allow_zero=True)
         if self.target_domain in self.source_domains:
             problems.append(f"target_domain: {self.target_domain!r} is also a source domain")
-        if self.batch_size < 2:
-            problems.append("batch_size: in-batch negatives need at least 2")
-        if not self.deepspeed_config.endswith(".json"):
-            problems.append(f"deepspeed_config: {self.deepspeed_config!r}; expected a DeepSpeed .json file")
         return problems

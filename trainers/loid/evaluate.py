@@ -27,7 +27,7 @@ def load_run(cfg, run_dir: Path, reviews, tokenizer_and_lm=None):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from trainers.loid.ray_train import build_loid_model
+    from trainers.loid.objective import build_loid_model
 
     run = json.loads((run_dir / "run.json").read_text())
     model, tokenizer = build_loid_model(cfg, run, reviews, tokenizer_and_lm)

@@ -3,6 +3,12 @@ component. A recipe registers itself with ``@register_objective(name)`` and brin
 (the side data it reads from run_dir), ``loss(model, batch, step, device)`` and ``check(root_config)`` for
 the rules that span config sections (run by ``recllm plan`` before anything starts). The training loop only
 ever sees this interface. Pure Python: no Ray, no DeepSpeed.
+
+Optional hooks, for a recipe that is not a packed language-model loss (LoID): on the class, ``inputs(cfg)``,
+``train_dir(cfg)`` and ``export(cfg, checkpoint_dir, inputs, train_dir)`` (driver side) and
+``build_model(cfg, inputs) -> BuiltModel`` (worker); on the instance, ``batches(rank, world)`` (a resumable feed:
+``next_batch``, ``epoch``, ``state_dict``/``load_state_dict``), ``validate(model, step, feed, final)`` and
+``finish(model)``. ``ray_launch``/``ray_worker`` fall back to the language-model defaults where one is absent.
 """
 
 from __future__ import annotations
@@ -25,6 +31,23 @@ class ObjectiveContext:
     seed: int
     rank: int
     attn_implementation: str
+    root: Any = None
+    """The whole composed config (RecllmConfig)."""
+    world: int = 1
+    """Workers in the run."""
+    data: Any = None
+    """What the recipe's ``build_model`` read and ``build`` may reuse (LoID: the domain's reviews)."""
+
+
+@dataclass
+class BuiltModel:
+    """What a recipe's ``build_model`` hands the loop: the module to wrap, its tokenizer, whether checkpoints keep
+    only the trainable parameters, and side data for ``build``."""
+
+    model: Any
+    tokenizer: Any
+    trainable_only: bool
+    data: Any = None
 
 
 OBJECTIVES: dict[str, type] = {}
@@ -44,8 +67,13 @@ def register_objective(name: str) -> Callable[[type], type]:
     return register
 
 
+def _register_shipped() -> None:
+    import trainers.loid.objective  # noqa: F401 - registers the shipped recipes
+    import trainers.recipes.objectives  # noqa: F401
+
+
 def objective_class(name: str) -> type:
-    import trainers.recipes.objectives  # noqa: F401 - registers the shipped recipes
+    _register_shipped()
 
     if name not in OBJECTIVES:
         raise KeyError(f"train.objective: {name!r} is not registered; registered: {sorted(OBJECTIVES)}")
@@ -53,6 +81,6 @@ def objective_class(name: str) -> type:
 
 
 def registered_objectives() -> list[str]:
-    import trainers.recipes.objectives  # noqa: F401
+    _register_shipped()
 
     return sorted(OBJECTIVES)
