@@ -74,6 +74,8 @@ def test_every_field_of_every_section_has_a_docstring():
     (["stages=[prepare,build-ids,train-baseline]", "ids.scheme=semantic"],
      "stages: build-ids (ids.scheme=semantic) reads run_dir/baseline/ before train-baseline writes it"),
     (["stages=[train-baseline,prepare]"], "stages: train-baseline before prepare trains on the previous dataset/"),
+    (["stages=[prepare,build-ids,build-samples,train]", "model.new_token_init=collab"],
+     "stages: train (model.new_token_init=collab) reads run_dir/baseline/ after prepare writes a new dataset/"),
 ])
 def test_plan_exits_2_on_each_cross_section_rule(overrides, needle, capsys):
     """Rules spanning sections are checked when the config loads, so `recllm plan` rejects them before Ray starts."""

@@ -30,14 +30,15 @@ def bench():
 
 def test_smoke_trains_validates_and_scores_beside_sasrec(tmp_path, bench, ray_local):
     run_dir = tmp_path / "run"
-    args = [str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}", "samples.max_samples_per_task=400"]
-    for stage in ("prepare", "build-ids", "build-samples"):
+    args = [str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}", "samples.max_samples_per_task=400",
+            "baseline.epochs=1"]
+    for stage in ("prepare", "train-baseline", "build-ids", "build-samples"):
         assert recllm([stage, *args]) == 0
     results = {}
     for finetune in ("full", "lora"):
         out = tmp_path / finetune
         assert bench.main(["--runs", f"seq={run_dir}", "--variants", "tiny", "--device", "cpu", "--smoke",
-                           "--out", str(out), f"train.finetune={finetune}"]) == 0
+                           "--out", str(out), f"train.finetune={finetune}", "baseline.epochs=1"]) == 0
         results[finetune] = json.loads((out / "gpu_quality.json").read_text())
         assert "| tiny |" in (out / "gpu_quality.md").read_text()
     full, lora = results["full"]["variants"]["tiny"], results["lora"]["variants"]["tiny"]

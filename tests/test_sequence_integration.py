@@ -16,7 +16,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
-ARGS = ["samples.max_samples_per_task=1200", "train.max_steps=30", "train.eval_every=10", "train.eval_users=300",
+ARGS = ["baseline.epochs=3", "samples.max_samples_per_task=1200", "train.max_steps=30", "train.eval_every=10", "train.eval_users=300",
         "train.patience=0", "train.log_every=10", "train.checkpoint_every=30", "train.learning_rate=3e-3",
         "train.warmup_steps=2", "infer.num_replicas=1", "infer.batch_size=256"]
 
@@ -28,7 +28,7 @@ def test_sequence_recipe_trains_selects_the_best_valid_round_and_infers(tmp_path
     test_split = run_dir / "dataset" / "sequences" / "test"
     hidden = tmp_path / "test_split_away"
     shutil.move(test_split, hidden)  # any read of a test target before `evaluate` would fail from here on
-    for stage in ("build-ids", "build-samples", "train"):
+    for stage in ("train-baseline", "build-ids", "build-samples", "train"):  # train: item rows from the baseline
         assert main([stage, *args]) == 0
     shutil.move(hidden, test_split)
 
@@ -59,7 +59,7 @@ def test_sequence_objective_under_zero3_validates_and_replicas_agree(tmp_path, r
     run_dir = tmp_path / "run"
     args = [str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}", *ARGS, "train.max_steps=10",
             "train.eval_every=5", "train.checkpoint_every=10", "train.deepspeed_config=configs/deepspeed/zero3.json"]
-    for stage in ("prepare", "build-ids", "build-samples", "train"):
+    for stage in ("prepare", "train-baseline", "build-ids", "build-samples", "train"):
         assert main([stage, *args]) == 0
     logs = [json.loads(line) for line in (run_dir / "train" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "valid/NDCG@10" in r] == [5, 10]

@@ -12,7 +12,8 @@ from tests.conftest import REPO
 
 CONFIG = str(REPO / "configs" / "demo.yaml")
 SEQUENCES = {str(u): [(u + k) % 12 for k in range(5)] for u in range(30)}
-FAST = ["infer.num_replicas=1", "infer.top_k=5", "infer.users_per_shard=16", "eval.baseline=false", "eval.ks=[1,5]"]
+FAST = ["infer.num_replicas=1", "infer.top_k=5", "infer.users_per_shard=16", "eval.baseline=false", "eval.ks=[1,5]",
+        "model.new_token_init=mean"]  # no baseline stage in the toy run
 """Overrides that keep infer and evaluate on the toy run to seconds (no SASRec baseline)."""
 
 
