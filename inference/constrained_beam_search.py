@@ -20,8 +20,11 @@ from data_pipeline.samples.prompt_format import PromptFormat
 
 # Semantics shared by both versions (the tests check them against each other and against brute force):
 # - An item's score is the sum of log p(token | prompt, earlier code tokens) over its code tokens (the end
-#   token included, when the trie has one), log-softmax over the model's whole vocabulary. Nothing is read
-#   from model.generation_config: no sampling, temperature, repetition penalty or length penalty.
+#   token included, when the trie has one). ``normaliser="vocabulary"``: log-softmax over the model's whole
+#   vocabulary (a model trained with next-token loss); ``"per_level"``: log-softmax over the tokens of that code
+#   level only, every token on a trie edge at that depth (a model trained with the sequence objective, whose
+#   softmax is restricted to each level's codes: the other logits were never trained and would add noise).
+#   Nothing is read from model.generation_config: no sampling, temperature, repetition penalty or length penalty.
 # - At each code level the beam set keeps the ``num_beams`` best of: every live beam extended by one allowed
 #   token, and every item already complete (shorter code), carried over unchanged.
 # - The trie must be prefix-free (no item's code a prefix of another's; build it with an end token if not),
@@ -86,18 +89,31 @@ class TrieEdges:
     fanout: list[int]
     """Per level: the most children any node has (the width of a beam's candidate row)."""
     largest_token: int
+    level_tokens: list[torch.Tensor] | None = None
+    """Per level: the distinct tokens on its edges, what ``normaliser="per_level"`` normalises over; None for the
+    whole vocabulary."""
 
     @property
     def levels(self) -> int:
         return len(self.offsets)
 
     @classmethod
-    def of(cls, trie: CodeTrie, device: torch.device | str) -> "TrieEdges":
+    def of(cls, trie: CodeTrie, device: torch.device | str, normaliser: str = "vocabulary") -> "TrieEdges":
         check_prefix_free(trie)
         return cls([o.to(device) for o in trie.offsets], [t.to(device) for t in trie.edge_tokens],
                    [i.to(device) for i in trie.terminal_items],
                    [int((o[1:] - o[:-1]).max()) if len(o) > 1 else 0 for o in trie.offsets],
-                   max((int(t.max()) for t in trie.edge_tokens if len(t)), default=-1))
+                   max((int(t.max()) for t in trie.edge_tokens if len(t)), default=-1),
+                   level_tokens(trie, device) if normaliser == "per_level" else None)
+
+
+NORMALISERS = ("vocabulary", "per_level")
+
+
+def level_tokens(trie: CodeTrie, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Per code level, the distinct tokens on the trie's edges at that depth: the tokens a per-level softmax
+    (``normaliser="per_level"``, the sequence objective's restricted softmax) normalises over."""
+    return [torch.unique(t).to(device) for t in trie.edge_tokens]
 
 
 def check_prefix_free(trie: CodeTrie) -> None:
@@ -112,8 +128,8 @@ def check_prefix_free(trie: CodeTrie) -> None:
 
 
 def constrained_beam_search(model, prompt_ids: Sequence[Sequence[int]], trie: CodeTrie, num_beams: int, top_k: int,
-                            *, users_per_batch: int | None = None,
-                            decoder: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                            *, users_per_batch: int | None = None, decoder: str = "auto",
+                            normaliser: str = "vocabulary") -> tuple[torch.Tensor, torch.Tensor]:
     """(item ids LongTensor [users, top_k], scores FloatTensor [users, top_k]), on the CPU, for a causal LM
     ``model`` (a Hugging Face causal LM), prompts of token ids (``encode_prompts``) and a trie over LM token
     ids (``build_token_trie``). Semantics: see the comment at the top of this module.
@@ -122,9 +138,9 @@ def constrained_beam_search(model, prompt_ids: Sequence[Sequence[int]], trie: Co
     length: one prefill of the batch's prompts, then users x beams rows for every code level after the
     first. ``decoder`` picks the forward passes (``inference.beam_decoders``): ``auto`` lets a user's beams
     share its prompt cache for the LLaMA family (Llama, Mistral, Qwen2, Qwen3) and copies the cache to every
-    beam otherwise.
+    beam otherwise. ``normaliser``: what each token's log-softmax runs over (the comment at the top).
     """
-    _check_arguments(num_beams, top_k)
+    _check_arguments(num_beams, top_k, normaliser)
     if users_per_batch is not None and users_per_batch < 1:
         raise ValueError(f"users_per_batch must be >= 1, got {users_per_batch}")
     users = len(prompt_ids)
@@ -132,7 +148,7 @@ def constrained_beam_search(model, prompt_ids: Sequence[Sequence[int]], trie: Co
         return torch.empty(0, top_k, dtype=torch.long), torch.empty(0, top_k)
     if trie.depth == 0:
         return _empty_result(users, top_k)
-    edges = TrieEdges.of(trie, model.device)
+    edges = TrieEdges.of(trie, model.device, normaliser)
     step = users_per_batch or users
     # Batches of users with similar prompt lengths waste less of the prefill on padding.
     order = sorted(range(users), key=lambda user: len(prompt_ids[user]))
@@ -200,7 +216,7 @@ def _extend(beams: _Beams, level: int, logits: torch.Tensor, edges: TrieEdges, b
     has_child = rank < count.unsqueeze(1)
     edge = torch.where(has_child, start.unsqueeze(1) + rank, torch.zeros_like(has_child, dtype=torch.long))
     token = edges.tokens[level][edge]
-    log_probs = _log_probs_of(logits.float(), token)
+    log_probs = _log_probs_of(logits.float(), token, None if edges.level_tokens is None else edges.level_tokens[level])
     child_scores = torch.where(has_child, beams.scores.unsqueeze(1) + log_probs,
                                torch.full_like(log_probs, -torch.inf))
     stay_scores = torch.where(beams.items >= 0, beams.scores, torch.full_like(beams.scores, -torch.inf))
@@ -224,11 +240,13 @@ def _extend(beams: _Beams, level: int, logits: torch.Tensor, edges: TrieEdges, b
     return _Beams(nodes=nodes, items=items, scores=best.view(-1), tokens=tokens), origin
 
 
-def _log_probs_of(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-    """log p(token) = logit - logsumexp over the whole vocabulary, for the [rows, width] ``token`` only.
-    Overwrites ``logits``: in place, the normaliser makes no [rows, vocab] temporaries (it is a third of a
-    decode step on the CPU)."""
+def _log_probs_of(logits: torch.Tensor, token: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(token) = logit - logsumexp over the whole vocabulary (or over the ``group`` tokens only), for the
+    [rows, width] ``token`` only. Overwrites ``logits``: in place, the normaliser makes no [rows, vocab]
+    temporaries (it is a third of a decode step on the CPU)."""
     chosen = logits.gather(1, token)
+    if group is not None:
+        return chosen - torch.logsumexp(logits[:, group], dim=1, keepdim=True)
     peak = logits.amax(dim=1, keepdim=True)
     total = logits.sub_(peak).exp_().sum(dim=1, keepdim=True)
     return chosen - (peak + total.log())
@@ -245,9 +263,11 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def _check_arguments(num_beams: int, top_k: int) -> None:
+def _check_arguments(num_beams: int, top_k: int, normaliser: str) -> None:
     if num_beams < 1 or not 1 <= top_k <= num_beams:
         raise ValueError(f"need 1 <= top_k <= num_beams, got top_k={top_k}, num_beams={num_beams}")
+    if normaliser not in NORMALISERS:
+        raise ValueError(f"normaliser: {normaliser!r}; expected one of {list(NORMALISERS)}")
 
 
 def _empty_result(users: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,31 +277,32 @@ def _empty_result(users: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
 # -------------------------------------------------------------------------------------- reference version
 
 def reference_beam_search(model, prompt_ids: Sequence[Sequence[int]], trie: CodeTrie, num_beams: int,
-                          top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          top_k: int, normaliser: str = "vocabulary") -> tuple[torch.Tensor, torch.Tensor]:
     """The same search done plainly: one user at a time, one beam at a time, the whole sequence recomputed
     (no cache, no padding) for every next-token distribution, candidates in Python lists. Slow; for tests."""
-    _check_arguments(num_beams, top_k)
+    _check_arguments(num_beams, top_k, normaliser)
     check_prefix_free(trie)
+    groups = level_tokens(trie) if normaliser == "per_level" else None
     all_items, all_scores = [], []
     with _eval_mode(model):
         for prompt in prompt_ids:
-            items, scores = _reference_one_user(model, list(prompt), trie, num_beams, top_k)
+            items, scores = _reference_one_user(model, list(prompt), trie, num_beams, top_k, groups)
             all_items.append(items)
             all_scores.append(scores)
     return (torch.tensor(all_items, dtype=torch.long).view(-1, top_k),
             torch.tensor(all_scores, dtype=torch.float32).view(-1, top_k))
 
 
-def _reference_one_user(model, prompt: list[int], trie: CodeTrie, num_beams: int,
-                        top_k: int) -> tuple[list[int], list[float]]:
+def _reference_one_user(model, prompt: list[int], trie: CodeTrie, num_beams: int, top_k: int,
+                        groups: list[torch.Tensor] | None) -> tuple[list[int], list[float]]:
     beams: list[tuple[tuple[int, ...], float, int]] = [((), 0.0, -1)]  # (code tokens, score, item or -1)
-    for _ in range(trie.depth):
+    for depth in range(trie.depth):
         candidates = []
         for code, score, item in beams:
             if item >= 0:  # complete: competes as it is
                 candidates.append((code, score, item))
                 continue
-            log_probs = _next_token_log_probs(model, list(prompt) + list(code))
+            log_probs = _next_token_log_probs(model, list(prompt) + list(code), None if groups is None else groups[depth])
             allowed = trie.allowed_next(torch.tensor([code], dtype=torch.long).view(1, len(code)))[0]
             for token in torch.nonzero(allowed).flatten().tolist():
                 longer = code + (token,)
@@ -294,6 +315,11 @@ def _reference_one_user(model, prompt: list[int], trie: CodeTrie, num_beams: int
 
 
 @torch.inference_mode()
-def _next_token_log_probs(model, token_ids: list[int]) -> torch.Tensor:
-    logits = model(input_ids=torch.tensor([token_ids], device=model.device)).logits
-    return torch.log_softmax(logits[0, -1].float(), dim=-1).cpu()
+def _next_token_log_probs(model, token_ids: list[int], group: torch.Tensor | None) -> torch.Tensor:
+    """log-softmax of the next token over the vocabulary, or over ``group`` (-inf for every other token)."""
+    logits = model(input_ids=torch.tensor([token_ids], device=model.device)).logits[0, -1].float().cpu()
+    if group is None:
+        return torch.log_softmax(logits, dim=-1)
+    out = torch.full_like(logits, -torch.inf)
+    out[group] = torch.log_softmax(logits[group], dim=-1)
+    return out

@@ -28,6 +28,7 @@ class TopKScorer:
         from inference.user_prompts import PromptBuilder
 
         self.cfg, self.device, self.model, self.tokenizer = infer_cfg, device, model, tokenizer
+        self.normaliser = prompt_format.item_softmax if prompt_format is not None else "vocabulary"
         self.model_version = ""
         self.prompts = PromptBuilder(run_dir, num_items, num_users, infer_cfg.max_history, prompt_format=prompt_format)
         codes = read_item_codes(storage.join(run_dir, "item_ids")).sort_by("item_id")  # row r = item_id r
@@ -102,8 +103,10 @@ class TopKScorer:
                 from inference.constrained_beam_search import constrained_beam_search
 
                 prompt_rows = self._prompt_rows(u, h)
-                items, scores = constrained_beam_search(getattr(self.model, "module", self.model), prompt_rows, self.trie, self.cfg.num_beams,
-                                                        self.cfg.num_beams if self.cfg.exclude_seen else self.cfg.top_k)
+                top_k = self.cfg.num_beams if self.cfg.exclude_seen else self.cfg.top_k
+                items, scores = constrained_beam_search(getattr(self.model, "module", self.model), prompt_rows,
+                                                        self.trie, self.cfg.num_beams, top_k,
+                                                        normaliser=self.normaliser)
                 items, scores = items.cpu().numpy(), scores.float().cpu().numpy()
                 if self.cfg.exclude_seen:
                     items, scores = _drop_seen(items, scores, h, self.cfg.top_k)

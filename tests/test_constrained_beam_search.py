@@ -93,12 +93,16 @@ def search_cases(draw, fixed_depth: bool | None = None, min_users: int = 1, max_
     return model, trie, dict(zip(items, sequences)), prompts, num_beams, top_k
 
 
-def sequence_log_prob(model, prompt: list[int], code: list[int]) -> float:
-    """log p(code | prompt) from one forward pass over the whole sequence."""
+def sequence_log_prob(model, prompt: list[int], code: list[int], groups: list[list[int]] | None = None) -> float:
+    """log p(code | prompt) from one forward pass over the whole sequence; with ``groups`` each code token's
+    softmax runs over its level's tokens only."""
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([prompt + code])).logits[0].float()
-    log_probs = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
-    return float(log_probs[torch.arange(len(code)), torch.tensor(code)].sum())
+        logits = model(input_ids=torch.tensor([prompt + code])).logits[0].float()[len(prompt) - 1:-1]
+    if groups is None:
+        log_probs = torch.log_softmax(logits, dim=-1)
+        return float(log_probs[torch.arange(len(code)), torch.tensor(code)].sum())
+    return sum(float(torch.log_softmax(logits[level, groups[level]], dim=-1)[groups[level].index(token)])
+               for level, token in enumerate(code))
 
 
 def assert_same_results(got: tuple[torch.Tensor, torch.Tensor], expected: tuple[torch.Tensor, torch.Tensor],
@@ -120,16 +124,17 @@ def assert_valid_distinct_sorted(result: tuple[torch.Tensor, torch.Tensor], code
 
 
 DECODERS = st.sampled_from(["shared_prompt", "copied_cache"])
+NORMALISERS = st.sampled_from(["vocabulary", "per_level"])
 
 
 @settings(max_examples=25, deadline=None)
-@given(search_cases(), DECODERS)
-def test_fast_search_matches_reference(case, decoder):
+@given(search_cases(), DECODERS, NORMALISERS)
+def test_fast_search_matches_reference(case, decoder, normaliser):
     model, trie, codes, prompts, num_beams, top_k = case
-    fast = constrained_beam_search(model, prompts, trie, num_beams, top_k, decoder=decoder)
+    fast = constrained_beam_search(model, prompts, trie, num_beams, top_k, decoder=decoder, normaliser=normaliser)
     assert fast[0].shape == fast[1].shape == (len(prompts), top_k)
     assert_valid_distinct_sorted(fast, codes)
-    assert_same_results(fast, reference_beam_search(model, prompts, trie, num_beams, top_k))
+    assert_same_results(fast, reference_beam_search(model, prompts, trie, num_beams, top_k, normaliser))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -159,6 +164,35 @@ def test_enough_beams_make_the_search_exhaustive(case, extra_beams):
         assert fast[0][user].tolist() == expected_items[:top_k]
         torch.testing.assert_close(fast[1][user], torch.tensor(expected_scores[:top_k]), rtol=0,
                                    atol=SCORE_TOLERANCE)
+
+
+@settings(max_examples=15, deadline=None)
+@given(search_cases(fixed_depth=True, max_users=2))
+def test_per_level_scores_are_each_levels_restricted_softmax(case):
+    """normaliser=per_level: an exhaustive search ranks every item by the sum over its code tokens of a
+    log-softmax over that level's tokens (every code's token at that depth), what the sequence objective
+    trains; the whole-vocabulary scores differ whenever other tokens carry probability."""
+    model, trie, codes, prompts, _, _ = case
+    depth = len(next(iter(codes.values())))
+    groups = [sorted({code[level] for code in codes.values()}) for level in range(depth)]
+    num_beams = len(codes)
+    fast = constrained_beam_search(model, prompts, trie, num_beams, num_beams, normaliser="per_level")
+    for user, prompt in enumerate(prompts):
+        expected = {item: sequence_log_prob(model, prompt, code, groups) for item, code in codes.items()}
+        ranking = sorted(((score, item) for item, score in expected.items()), reverse=True)
+        torch.testing.assert_close(fast[1][user], torch.tensor([s for s, _ in ranking]), rtol=0,
+                                   atol=SCORE_TOLERANCE)
+        assert all(abs(expected[item] - ranking[rank][0]) < SCORE_TOLERANCE
+                   for rank, item in enumerate(fast[0][user].tolist()))  # ties may swap places
+        whole = sequence_log_prob(model, prompt, codes[fast[0][user, 0].item()])
+        assert whole < fast[1][user, 0].item() - 1e-3  # the model gives the other tokens some probability
+
+
+def test_unknown_normaliser_is_refused():
+    model = random_llama(3, 64, 4)
+    trie = CodeTrie([[64, 65], [64, 66]], [7, 8], vocab_size=68)
+    with pytest.raises(ValueError, match="normaliser"):
+        constrained_beam_search(model, [[5]], trie, 2, 2, normaliser="level")
 
 
 @settings(max_examples=15, deadline=None)

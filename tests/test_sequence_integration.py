@@ -41,7 +41,7 @@ def test_sequence_recipe_trains_selects_the_best_valid_round_and_infers(tmp_path
     assert info["valid"]["valid/NDCG@10"] == pytest.approx(best["valid/NDCG@10"])
     assert rounds[-1]["valid/HR@10"] > 0.01  # it learned something in 30 steps (most popular is ~0.02)
     fmt = json.loads((run_dir / "model" / "prompt_format.json").read_text())
-    assert fmt == {"style": "sequence", "max_history": 50, "item_separator": ""}
+    assert fmt == {"style": "sequence", "max_history": 50, "item_separator": "", "item_softmax": "per_level"}
 
     assert main(["infer", *args]) == 0
     import pyarrow.parquet as pq

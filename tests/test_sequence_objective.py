@@ -121,3 +121,18 @@ def test_valid_sample_is_fixed_by_the_seed():
     a, b = valid_sample(1000, 100, seed=3), valid_sample(1000, 100, seed=3)
     assert np.array_equal(a, b) and len(np.unique(a)) == 100 and not np.array_equal(a, valid_sample(1000, 100, 4))
     assert np.array_equal(valid_sample(50, 0, 3), np.arange(50))
+
+
+@pytest.mark.parametrize("objective, scheme, expected", [
+    ("sequence", "semantic", "per_level"), ("sequence", "atomic", "per_level"), ("sequence", "subtoken", "vocabulary"),
+    ("sft", "semantic", "vocabulary")])
+def test_the_saved_prompt_format_tells_inference_what_the_item_softmax_was(objective, scheme, expected):
+    """The sequence objective trains each code token against its level's tokens only, so inference and the valid
+    rounds must normalise beam scores over the same tokens; a next-token objective trains against the vocabulary."""
+    from launcher.config import load_config
+    from trainers.ray_launch import item_softmax
+
+    tasks = "[user_sequence]" if objective == "sequence" else "[sequential]"
+    cfg = load_config(None, ["data.path=data/scientific", "data.name=Scientific", f"train.objective={objective}",
+                             f"ids.scheme={scheme}", f"samples.tasks={tasks}"])
+    assert item_softmax(cfg) == expected

@@ -52,7 +52,8 @@ def training_inputs(cfg) -> dict:
     prompt_format = PromptFormat(
         style="sequence" if sequence else "instruction",
         max_history=manifest["config"].get("max_sequence_items", 50) if sequence
-        else manifest["config"]["max_history_in_prompt"])
+        else manifest["config"]["max_history_in_prompt"],
+        item_softmax=item_softmax(cfg))
     token_texts = None
     if cfg.model.new_token_init == "text":
         items = storage.read_parquet(storage.join(run_dir, "dataset", "items.parquet"), ["item_id", "title"])
@@ -63,6 +64,15 @@ def training_inputs(cfg) -> dict:
     token_vectors = collaborative_vectors(cfg, run_dir, new_tokens) if cfg.model.new_token_init == "collab" else None
     return {"run_dir": run_dir, "new_tokens": new_tokens, "tasks": tasks, "token_texts": token_texts,
             "token_vectors": token_vectors, "prompt_format": prompt_format}
+
+
+def item_softmax(cfg) -> str:
+    """What the objective trains an item code token's probability against (``PromptFormat.item_softmax``), so
+    that inference and the valid rounds normalise beam scores the same way; next-token objectives: vocabulary."""
+    from trainers.recipes.registry import objective_class
+
+    rule = getattr(objective_class(cfg.train.objective), "item_softmax", None)
+    return rule(cfg) if rule is not None else "vocabulary"
 
 
 def collaborative_vectors(cfg, run_dir: str, new_tokens: list[str]) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ from data_pipeline.errors import DataError
 
 PROMPT_FORMAT_FILE = "prompt_format.json"
 STYLES = ("instruction", "sequence")
+ITEM_SOFTMAXES = ("vocabulary", "per_level")
 SEQUENCE_TASKS = ("user_sequence",)
 """Tasks whose samples are item sequences with no frame; every other task is framed as an instruction."""
 
@@ -41,6 +42,9 @@ class PromptFormat:
     """History items an inference prompt names (the most recent ones), as the training samples did."""
     item_separator: str = ""
     """How the sequence style joins item names ('' for token names such as <item_3> or <a_1><b_2>)."""
+    item_softmax: str = "vocabulary"
+    """What an item code token's probability was trained against, so what beam search normalises over:
+    vocabulary (next-token loss) | per_level (the sequence objective: a softmax over that code level's tokens)."""
 
     def frame(self, prompt: str) -> str:
         return f"{prompt}\nAnswer: " if self.style == "instruction" else prompt
@@ -86,6 +90,9 @@ class PromptFormat:
         if not isinstance(fields, dict) or fields.get("style") not in STYLES:
             style = fields.get("style") if isinstance(fields, dict) else None
             raise DataError(uri, f"{style!r}; expected one of {list(STYLES)}", field="style")
+        if fields.get("item_softmax", "vocabulary") not in ITEM_SOFTMAXES:
+            raise DataError(uri, f"{fields['item_softmax']!r}; expected one of {list(ITEM_SOFTMAXES)}",
+                            field="item_softmax")
         return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls) if f.name in fields})
 
 

@@ -95,6 +95,12 @@ class SequenceObjective(SFTObjective):
         return cls(len(ctx.tasks), task, group_of, groups)
 
     @staticmethod
+    def item_softmax(root) -> str:
+        """Grouped schemes (semantic, precomputed, atomic) are trained per level, so beam search reads them per
+        level; sub-token IDs keep the whole vocabulary."""
+        return "vocabulary" if root.ids.scheme == "subtoken" else "per_level"
+
+    @staticmethod
     def check(root) -> list[str]:
         if "user_sequence" not in root.samples.tasks:
             return [f"train.objective: 'sequence' trains on the user_sequence task; samples.tasks is "
