@@ -1,7 +1,8 @@
 """`recllm infer`: the one inference module that speaks to Ray. Plans user shards, skips the complete ones,
 and streams the rest through a Ray Data actor pool of model replicas (one GPU each, or fractional CPUs); each
 replica scores its shard, reusing last run's rows for users whose history did not change, and writes it
-atomically. `_SUCCESS` closes the run.
+atomically into the staging folder. `_SUCCESS` closes the run, and the staging folder then replaces topk/ whole:
+topk/ is always the last complete run, whatever happens to this one.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import time
 
 import numpy as np
@@ -45,7 +47,8 @@ class ShardWorker:
         device = "cuda" if icfg.use_gpu else "cpu"
         self.scorer = TopKScorer.from_model_dir(run_dir, model_dir, icfg, num_items, num_users, device)
         self.users: ts.UserHistories = ray.get(users)  # zero-copy views of the driver's one copy in the object store
-        self.topk_dir = storage.join(run_dir, "topk")
+        self.topk_dir = storage.join(run_dir, "topk")  # the last complete run: rows to reuse
+        self.stage_dir = ts.staging_dir(self.topk_dir)  # this run's shards
         self.settings, self.recent = settings, recent
 
     def __call__(self, batch: dict) -> dict:
@@ -62,7 +65,7 @@ class ShardWorker:
                 got_items, got_scores = self.scorer.score(user_ids[todo], [histories[i] for i in todo])
                 items[todo, :got_items.shape[1]] = got_items
                 scores[todo, :got_scores.shape[1]] = got_scores
-            ts.write_shard(self.topk_dir, task, user_ids, histories, items, scores, self.scorer.model_version,
+            ts.write_shard(self.stage_dir, task, user_ids, histories, items, scores, self.scorer.model_version,
                            self.settings)
             for key, value in (("shard", task.shard), ("users", len(user_ids)), ("scored", len(todo)),
                                ("reused", len(user_ids) - len(todo)), ("seconds", time.perf_counter() - t0)):
@@ -123,13 +126,23 @@ def run_infer(cfg) -> dict:
     model_version = _model_version(model_dir)
     settings = _settings(icfg, model_version)
     tasks = ts.plan_shards(users, icfg.users_per_shard, settings)
-    done = ts.complete_shards(topk_dir)
-    todo = [t for t in tasks if done.get(t.shard) != t.fingerprint]
+    publisher = storage.StagedFolder(topk_dir)
+    publisher.clear_leftovers()  # a previous topk/ that a killed fallback publish moved aside is put back
+    stage_dir = ts.staging_dir(topk_dir)
+    ts.clear_success(stage_dir)
+    ts.remove_stale_temporaries(stage_dir)
+    staged, published = ts.complete_shards(stage_dir), ts.complete_shards(topk_dir)
+    todo = []
+    for t in tasks:
+        if staged.get(t.shard) == t.fingerprint:  # finished by a run that was killed before publishing
+            continue
+        if published.get(t.shard) == t.fingerprint:  # unchanged since the last complete run
+            ts.adopt_shard(topk_dir, stage_dir, t.shard)
+            continue
+        todo.append(t)
     num_users = len(users)
     log.info("%d users in %d shards; %d complete, %d to score", num_users, len(tasks), len(tasks) - len(todo),
              len(todo))
-    ts.clear_success(topk_dir)
-    ts.remove_stale_temporaries(topk_dir)
     results: list[dict] = []
     t0 = time.perf_counter()
     if todo:
@@ -149,7 +162,7 @@ def run_infer(cfg) -> dict:
                                    "settings": settings, "recent": recent})
         results = ds.take_all()
     live = {ts.shard_name(t.shard) for t in tasks}
-    for uri in storage.list_files(topk_dir, ".parquet"):  # users gone from the data: drop their old shards
+    for uri in storage.list_files(stage_dir, ".parquet"):  # users gone from the data: drop their old shards
         if uri.rsplit("/", 1)[-1] not in live:
             fs, path = storage.filesystem(uri)
             fs.rm(path)
@@ -162,5 +175,14 @@ def run_infer(cfg) -> dict:
                "users_reused": int(sum(r["reused"] for r in results)), "seconds": round(seconds, 2),
                "users_per_second": round(scored / seconds, 2) if scored else None,
                "scorer": icfg.scorer, "top_k": icfg.top_k, "num_beams": icfg.num_beams}
-    ts.write_success(topk_dir, summary)
+    ts.write_success(stage_dir, summary)
+    publish_staged(publisher, stage_dir)
     return summary
+
+
+def publish_staged(publisher: storage.StagedFolder, stage_dir: str) -> None:
+    """Swap the complete staging folder in as topk/ (one rename locally; on S3 a copy, `_SUCCESS` last)."""
+    fs, stage_path = storage.filesystem(stage_dir)
+    publisher.tmp_path = stage_path
+    publisher.files = {posixpath.relpath(p, stage_path): {} for p in fs.find(stage_path)}
+    publisher.publish()
