@@ -7,10 +7,12 @@ topk/ is always the last complete run, whatever happens to this one.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import os
+import pickle
 import posixpath
 import time
 
@@ -19,6 +21,7 @@ import numpy as np
 from data_pipeline import storage
 from data_pipeline.item_ids.item_codes import TOKENS_FILE, read_item_codes, read_item_ids_checked
 from data_pipeline.baseline_files import dataset_fingerprint
+from data_pipeline.errors import DataError, WriteError
 from data_pipeline.prepare import read_manifest
 from data_pipeline.samples.prompt_format import PromptFormat
 from inference import topk_shards as ts
@@ -50,9 +53,26 @@ class ShardWorker:
         self.topk_dir = storage.join(run_dir, "topk")  # the last complete run: rows to reuse
         self.stage_dir = ts.staging_dir(self.topk_dir)  # this run's shards
         self.settings, self.recent = settings, recent
+        self.failed = ""
 
     def __call__(self, batch: dict) -> dict:
-        out = {"shard": [], "users": [], "scored": [], "reused": [], "seconds": []}
+        """Score and write the batch's shards. A user's error (a full disk, bad input) comes back as the batch's
+        ``error`` (pickled) rather than raised: Ray Data would wrap it in its own exception and lose it, and the
+        CLI could not print it as one line. Once failed, the replica skips its remaining shards."""
+        out = {"shard": [], "users": [], "scored": [], "reused": [], "seconds": [], "error": []}
+        if not self.failed:
+            try:
+                self._score(batch, out)
+            except (DataError, WriteError) as exc:
+                self.failed = base64.b64encode(pickle.dumps(exc)).decode()
+        if self.failed:
+            out = {key: [] for key in out}
+            for key in ("shard", "users", "scored", "reused", "seconds"):
+                out[key].append(-1 if key == "shard" else 0)
+            out["error"].append(self.failed)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def _score(self, batch: dict, out: dict) -> None:
         for shard, lo, hi, fingerprint in zip(batch["shard"], batch["lo"], batch["hi"], batch["fingerprint"]):
             t0 = time.perf_counter()
             task = ts.ShardTask(int(shard), int(lo), int(hi), str(fingerprint))
@@ -66,11 +86,11 @@ class ShardWorker:
                 items[todo, :got_items.shape[1]] = got_items
                 scores[todo, :got_scores.shape[1]] = got_scores
             ts.write_shard(self.stage_dir, task, user_ids, histories, items, scores, self.scorer.model_version,
-                           self.settings)
+                           self.settings, unpublished(self.topk_dir))
             for key, value in (("shard", task.shard), ("users", len(user_ids)), ("scored", len(todo)),
-                               ("reused", len(user_ids) - len(todo)), ("seconds", time.perf_counter() - t0)):
+                               ("reused", len(user_ids) - len(todo)), ("seconds", time.perf_counter() - t0),
+                               ("error", "")):
                 out[key].append(value)
-        return {k: np.asarray(v) for k, v in out.items()}
 
     def _reuse(self, shard: int, user_ids, hashes, items, scores) -> np.ndarray:
         """Fill rows from last run's shard where the user's history (and the settings) are unchanged;
@@ -95,6 +115,11 @@ class ShardWorker:
                 k = len(prev[1])
                 items[row, :k], scores[row, :k] = prev[1], prev[2]
         return np.asarray(todo, dtype=np.int64)
+
+
+def unpublished(topk_dir: str) -> str:
+    """What a failed write in the staging folder means for the user (the end of its one-line error)."""
+    return f"; nothing was published, {topk_dir} is as it was"
 
 
 def check_inputs(run_dir: str, model_dir: str) -> None:
@@ -137,7 +162,7 @@ def run_infer(cfg) -> dict:
         if staged.get(t.shard) == t.fingerprint:  # finished by a run that was killed before publishing
             continue
         if published.get(t.shard) == t.fingerprint:  # unchanged since the last complete run
-            ts.adopt_shard(topk_dir, stage_dir, t.shard)
+            ts.adopt_shard(topk_dir, stage_dir, t.shard, unpublished(topk_dir))
             continue
         todo.append(t)
     num_users = len(users)
@@ -161,6 +186,9 @@ def run_infer(cfg) -> dict:
                                    "num_items": manifest["counts"]["items"], "num_users": manifest["counts"]["users"],
                                    "settings": settings, "recent": recent})
         results = ds.take_all()
+        failed = sorted(r["error"] for r in results if r["error"])
+        if failed:  # the replica's own error, raised here as itself
+            raise pickle.loads(base64.b64decode(failed[0]))
     live = {ts.shard_name(t.shard) for t in tasks}
     for uri in storage.list_files(stage_dir, ".parquet"):  # users gone from the data: drop their old shards
         if uri.rsplit("/", 1)[-1] not in live:
@@ -175,7 +203,7 @@ def run_infer(cfg) -> dict:
                "users_reused": int(sum(r["reused"] for r in results)), "seconds": round(seconds, 2),
                "users_per_second": round(scored / seconds, 2) if scored else None,
                "scorer": icfg.scorer, "top_k": icfg.top_k, "num_beams": icfg.num_beams}
-    ts.write_success(stage_dir, summary)
+    ts.write_success(stage_dir, summary, unpublished(topk_dir))
     publish_staged(publisher, stage_dir)
     return summary
 
