@@ -17,7 +17,7 @@ from data_pipeline import storage
 from data_pipeline.baseline_files import baseline_dir, baseline_settings, dataset_fingerprint, read_baseline
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import read_manifest
-from inference.ranking_metrics import ranking_metrics
+from ranking.ranking_metrics import ranking_metrics
 from inference.topk_shards import SUCCESS
 
 log = logging.getLogger("recllm.evaluate")

@@ -40,7 +40,7 @@ class ShardWorker:
                  recent: set[int] | None):
         import ray
 
-        from inference.topk_scorer import TopKScorer
+        from ranking.topk_scorer import TopKScorer
 
         device = "cuda" if icfg.use_gpu else "cpu"
         self.scorer = TopKScorer.from_model_dir(run_dir, model_dir, icfg, num_items, num_users, device)
@@ -114,7 +114,7 @@ def run_infer(cfg) -> dict:
 
     import ray
 
-    from inference.topk_scorer import _model_version
+    from ranking.topk_scorer import _model_version
 
     topk_dir = storage.join(run_dir, "topk")
     manifest = read_manifest(run_dir)

@@ -26,7 +26,7 @@ from data_pipeline.baseline_files import (FORMAT, ITEM_EMBEDDINGS_FILE, MANIFEST
                                           baseline_settings, dataset_fingerprint)
 from data_pipeline.config_schema import ConfigError
 from data_pipeline.errors import DataError
-from inference.ranking_metrics import DEFAULT_KS, catalogue_coverage, ranking_metrics
+from ranking.ranking_metrics import DEFAULT_KS, catalogue_coverage, ranking_metrics
 from trainers.metrics_logger import MetricsLogger
 from trainers.sasrec import PAD, SASRec, checkpoint_files, recommend_topk
 from trainers.sasrec_config import SASRecConfig

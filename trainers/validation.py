@@ -27,7 +27,7 @@ def valid_sample(num_rows: int, users: int, seed: int) -> np.ndarray:
 
 class ValidationRound:
     def __init__(self, cfg, run_dir: str, tokenizer, prompt_format, rank: int, world: int, device: str):
-        from inference.topk_scorer import TopKScorer
+        from ranking.topk_scorer import TopKScorer
 
         dataset = storage.join(run_dir, "dataset")
         counts = json.loads(storage.read_text(storage.join(dataset, "manifest.json")))["counts"]
@@ -53,7 +53,7 @@ class ValidationRound:
     @torch.no_grad()
     def score(self, model) -> dict[str, float]:
         """{valid/HR@10, valid/NDCG@10} over the whole sample (every rank gets the same numbers)."""
-        from inference.ranking_metrics import hit_rate_at_k, ndcg_at_k
+        from ranking.ranking_metrics import hit_rate_at_k, ndcg_at_k
 
         was_training = model.training
         model.eval()
