@@ -12,7 +12,7 @@ import pyarrow as pa
 import torch
 
 from data_pipeline import storage
-from data_pipeline.item_ids.item_codes import read_item_codes
+from data_pipeline.run_layout import RunLayout
 from data_pipeline.samples.prompt_format import pad_token_id
 from ranking.code_trie import CodeTrie
 
@@ -31,7 +31,7 @@ class TopKScorer:
         self.normaliser = prompt_format.item_softmax if prompt_format is not None else "vocabulary"
         self.model_version = ""
         self.prompts = PromptBuilder(run_dir, num_items, num_users, infer_cfg.max_history, prompt_format=prompt_format)
-        codes = read_item_codes(storage.join(run_dir, "item_ids")).sort_by("item_id")  # row r = item_id r
+        codes = RunLayout(run_dir).read_item_codes().sort_by("item_id")  # row r = item_id r
         self.items = codes.column("item_id").to_numpy()
         token_seqs = self._token_sequences(codes)
         if infer_cfg.scorer == "multinomial":

@@ -2,7 +2,8 @@
 lower one. The layers, lowest first (README, "Architecture"):
 
 1 config leaf      the config scheme (dataclass loading, overrides, ConfigError); imports nothing of the project
-2 storage          local / s3:// files, DataError, the run_dir lock, the files of run_dir/baseline/
+2 storage          local / s3:// files, DataError, the run layout (every path under run_dir and the readers of
+                   its shared tables), the run_dir lock, the files of run_dir/baseline/
 3 data             importers, the canonical dataset, item IDs, samples, reviews, the streaming reader
 4 models           LM builders and tokenizer loading, SASRec, the LoID modules, and ranking/: what scores a model
                    in one process (constrained beam search, the multinomial head, the top-K scorer, ranking metrics)
@@ -28,6 +29,7 @@ LAYERS = {
     "data_pipeline.config_schema": 1,
     "data_pipeline.storage": 2,
     "data_pipeline.errors": 2,
+    "data_pipeline.run_layout": 2,
     "data_pipeline.run_lock": 2,
     "data_pipeline.baseline_files": 2,
     "data_pipeline": 3,
