@@ -361,10 +361,11 @@ class StagedFolder:
             self.fs.rm(self.tmp_path, recursive=True)
 
     def _publish_by_copy(self) -> None:
-        """Object stores have no rename: copy file by file, manifest.json last (readers wait for it)."""
+        """Object stores have no rename: copy file by file, the marker readers wait for (manifest.json, or
+        _SUCCESS for the top-K cache) last."""
         if self.fs.exists(self.final_path):
             self.fs.rm(self.final_path, recursive=True)
-        rels = sorted(self.files, key=lambda r: r == MANIFEST_FILE)
+        rels = sorted(self.files, key=lambda r: r in (MANIFEST_FILE, "_SUCCESS"))
         for rel in rels:
             self.fs.copy(posixpath.join(self.tmp_path, rel), posixpath.join(self.final_path, rel))
         self.fs.rm(self.tmp_path, recursive=True)

@@ -1,15 +1,19 @@
 """`recllm infer`: the one inference module that speaks to Ray. Plans user shards, skips the complete ones,
 and streams the rest through a Ray Data actor pool of model replicas (one GPU each, or fractional CPUs); each
 replica scores its shard, reusing last run's rows for users whose history did not change, and writes it
-atomically. `_SUCCESS` closes the run.
+atomically into the staging folder. `_SUCCESS` closes the run, and the staging folder then replaces topk/ whole:
+topk/ is always the last complete run, whatever happens to this one.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import os
+import pickle
+import posixpath
 import time
 
 import numpy as np
@@ -17,6 +21,7 @@ import numpy as np
 from data_pipeline import storage
 from data_pipeline.item_ids.item_codes import read_item_ids_checked
 from data_pipeline.baseline_files import dataset_fingerprint
+from data_pipeline.errors import DataError, WriteError
 from data_pipeline.run_layout import RunLayout
 from data_pipeline.samples.prompt_format import PromptFormat
 from inference import topk_shards as ts
@@ -45,11 +50,29 @@ class ShardWorker:
         device = "cuda" if icfg.use_gpu else "cpu"
         self.scorer = TopKScorer.from_model_dir(run_dir, model_dir, icfg, num_items, num_users, device)
         self.users: ts.UserHistories = ray.get(users)  # zero-copy views of the driver's one copy in the object store
-        self.topk_dir = RunLayout(run_dir).topk
+        self.topk_dir = RunLayout(run_dir).topk  # the last complete run: rows to reuse
+        self.stage_dir = ts.staging_dir(self.topk_dir)  # this run's shards
         self.settings, self.recent = settings, recent
+        self.failed = ""
 
     def __call__(self, batch: dict) -> dict:
-        out = {"shard": [], "users": [], "scored": [], "reused": [], "seconds": []}
+        """Score and write the batch's shards. A user's error (a full disk, bad input) comes back as the batch's
+        ``error`` (pickled) rather than raised: Ray Data would wrap it in its own exception and lose it, and the
+        CLI could not print it as one line. Once failed, the replica skips its remaining shards."""
+        out = {"shard": [], "users": [], "scored": [], "reused": [], "seconds": [], "error": []}
+        if not self.failed:
+            try:
+                self._score(batch, out)
+            except (DataError, WriteError) as exc:
+                self.failed = base64.b64encode(pickle.dumps(exc)).decode()
+        if self.failed:
+            out = {key: [] for key in out}
+            for key in ("shard", "users", "scored", "reused", "seconds"):
+                out[key].append(-1 if key == "shard" else 0)
+            out["error"].append(self.failed)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def _score(self, batch: dict, out: dict) -> None:
         for shard, lo, hi, fingerprint in zip(batch["shard"], batch["lo"], batch["hi"], batch["fingerprint"]):
             t0 = time.perf_counter()
             task = ts.ShardTask(int(shard), int(lo), int(hi), str(fingerprint))
@@ -62,12 +85,12 @@ class ShardWorker:
                 got_items, got_scores = self.scorer.score(user_ids[todo], [histories[i] for i in todo])
                 items[todo, :got_items.shape[1]] = got_items
                 scores[todo, :got_scores.shape[1]] = got_scores
-            ts.write_shard(self.topk_dir, task, user_ids, histories, items, scores, self.scorer.model_version,
-                           self.settings)
+            ts.write_shard(self.stage_dir, task, user_ids, histories, items, scores, self.scorer.model_version,
+                           self.settings, unpublished(self.topk_dir))
             for key, value in (("shard", task.shard), ("users", len(user_ids)), ("scored", len(todo)),
-                               ("reused", len(user_ids) - len(todo)), ("seconds", time.perf_counter() - t0)):
+                               ("reused", len(user_ids) - len(todo)), ("seconds", time.perf_counter() - t0),
+                               ("error", "")):
                 out[key].append(value)
-        return {k: np.asarray(v) for k, v in out.items()}
 
     def _reuse(self, shard: int, user_ids, hashes, items, scores) -> np.ndarray:
         """Fill rows from last run's shard where the user's history (and the settings) are unchanged;
@@ -92,6 +115,11 @@ class ShardWorker:
                 k = len(prev[1])
                 items[row, :k], scores[row, :k] = prev[1], prev[2]
         return np.asarray(todo, dtype=np.int64)
+
+
+def unpublished(topk_dir: str) -> str:
+    """What a failed write in the staging folder means for the user (the end of its one-line error)."""
+    return f"; nothing was published, {topk_dir} is as it was"
 
 
 def check_inputs(run_dir: str, model_dir: str) -> None:
@@ -124,13 +152,23 @@ def run_infer(cfg) -> dict:
     model_version = _model_version(model_dir)
     settings = _settings(icfg, model_version)
     tasks = ts.plan_shards(users, icfg.users_per_shard, settings)
-    done = ts.complete_shards(topk_dir)
-    todo = [t for t in tasks if done.get(t.shard) != t.fingerprint]
+    publisher = storage.StagedFolder(topk_dir)
+    publisher.clear_leftovers()  # a previous topk/ that a killed fallback publish moved aside is put back
+    stage_dir = ts.staging_dir(topk_dir)
+    ts.clear_success(stage_dir)
+    ts.remove_stale_temporaries(stage_dir)
+    staged, published = ts.complete_shards(stage_dir), ts.complete_shards(topk_dir)
+    todo = []
+    for t in tasks:
+        if staged.get(t.shard) == t.fingerprint:  # finished by a run that was killed before publishing
+            continue
+        if published.get(t.shard) == t.fingerprint:  # unchanged since the last complete run
+            ts.adopt_shard(topk_dir, stage_dir, t.shard, unpublished(topk_dir))
+            continue
+        todo.append(t)
     num_users = len(users)
     log.info("%d users in %d shards; %d complete, %d to score", num_users, len(tasks), len(tasks) - len(todo),
              len(todo))
-    ts.clear_success(topk_dir)
-    ts.remove_stale_temporaries(topk_dir)
     results: list[dict] = []
     t0 = time.perf_counter()
     if todo:
@@ -149,8 +187,11 @@ def run_infer(cfg) -> dict:
                                    "num_items": manifest["counts"]["items"], "num_users": manifest["counts"]["users"],
                                    "settings": settings, "recent": recent})
         results = ds.take_all()
+        failed = sorted(r["error"] for r in results if r["error"])
+        if failed:  # the replica's own error, raised here as itself
+            raise pickle.loads(base64.b64decode(failed[0]))
     live = {ts.shard_name(t.shard) for t in tasks}
-    for uri in storage.list_files(topk_dir, ".parquet"):  # users gone from the data: drop their old shards
+    for uri in storage.list_files(stage_dir, ".parquet"):  # users gone from the data: drop their old shards
         if uri.rsplit("/", 1)[-1] not in live:
             fs, path = storage.filesystem(uri)
             fs.rm(path)
@@ -163,5 +204,14 @@ def run_infer(cfg) -> dict:
                "users_reused": int(sum(r["reused"] for r in results)), "seconds": round(seconds, 2),
                "users_per_second": round(scored / seconds, 2) if scored else None,
                "scorer": icfg.scorer, "top_k": icfg.top_k, "num_beams": icfg.num_beams}
-    ts.write_success(topk_dir, summary)
+    ts.write_success(stage_dir, summary, unpublished(topk_dir))
+    publish_staged(publisher, stage_dir)
     return summary
+
+
+def publish_staged(publisher: storage.StagedFolder, stage_dir: str) -> None:
+    """Swap the complete staging folder in as topk/ (one rename locally; on S3 a copy, `_SUCCESS` last)."""
+    fs, stage_path = storage.filesystem(stage_dir)
+    publisher.tmp_path = stage_path
+    publisher.files = {posixpath.relpath(p, stage_path): {} for p in fs.find(stage_path)}
+    publisher.publish()

@@ -1,6 +1,9 @@
 """The top-K cache layout and its bookkeeping: which users to score, in which shard, and which shards are
 already complete. A shard is one Parquet file written under a temporary name and renamed; `_SUCCESS` closes
-a run. Re-running skips complete shards whose inputs are unchanged, so a crashed run resumes with identical output.
+a run. A run writes its shards into a hidden staging folder beside topk/ (``staging_dir``) and swaps it in
+whole once `_SUCCESS` is there, so topk/ is always the last complete run: a killed or failed run leaves it as
+it was. Re-running adopts every staged or published shard whose inputs are unchanged (its fingerprint), so a
+crashed run resumes with identical output.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import posixpath
 import uuid
 from dataclasses import dataclass
@@ -135,6 +139,34 @@ def complete_shards(topk_dir: str) -> dict[int, str]:
     return out
 
 
+def staging_dir(topk_dir: str) -> str:
+    """Where a run writes its shards before publishing: ``.topk.staging`` beside topk/. Its name is fixed (not
+    per process) so the next run finds a killed run's finished shards; every shard carries its fingerprint,
+    so one is adopted only where its users, histories, model and settings are the ones asked for now."""
+    parent, name = posixpath.split(topk_dir.rstrip("/"))
+    return posixpath.join(parent, f".{name}.staging")
+
+
+def adopt_shard(src_dir: str, dst_dir: str, shard: int, consequence: str = "") -> None:
+    """Put ``src_dir``'s complete shard into ``dst_dir`` under its final name in one step: a hard link (local) or a
+    copy, made under a temporary name and renamed, so a kill never leaves half a file under a shard's name."""
+    fs, src_folder = storage.filesystem(src_dir)
+    dst_folder = storage.filesystem(dst_dir)[1]
+    src = posixpath.join(src_folder, shard_name(shard))
+    final = posixpath.join(dst_folder, shard_name(shard))
+    with storage.writing(storage.join(dst_dir, shard_name(shard)), consequence):
+        fs.makedirs(dst_folder, exist_ok=True)
+        if not storage.is_local(dst_dir):
+            fs.copy(src, final)  # one object written by one request: whole or absent
+            return
+        tmp = posixpath.join(dst_folder, f".{shard_name(shard)}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            os.link(src, tmp)
+        except OSError:
+            fs.copy(src, tmp)
+        fs.mv(tmp, final)
+
+
 def read_shard(topk_dir: str, shard: int) -> pa.Table | None:
     uri = storage.join(topk_dir, shard_name(shard))
     if not storage.exists(uri):
@@ -145,7 +177,8 @@ def read_shard(topk_dir: str, shard: int) -> pa.Table | None:
 
 
 def write_shard(topk_dir: str, task: ShardTask, user_ids: np.ndarray, histories: list, items: np.ndarray,
-                scores: np.ndarray, model_version: str, settings: str) -> dict:
+                scores: np.ndarray, model_version: str, settings: str,
+                consequence: str = "; the shard's previous file is as it was") -> dict:
     """Write one shard atomically: a temporary name in the same folder, then a rename."""
     table = pa.table({"user_id": pa.array(user_ids, pa.int64()),
                       "item_ids": pa.array([row[row >= 0].tolist() for row in items], pa.list_(pa.int64())),
@@ -157,7 +190,7 @@ def write_shard(topk_dir: str, task: ShardTask, user_ids: np.ndarray, histories:
     fs, folder = storage.filesystem(topk_dir)
     final = posixpath.join(folder, shard_name(task.shard))
     tmp = posixpath.join(folder, f".{shard_name(task.shard)}.tmp-{uuid.uuid4().hex[:8]}")
-    with storage.writing(storage.join(topk_dir, shard_name(task.shard)), "; the shard's previous file is as it was"):
+    with storage.writing(storage.join(topk_dir, shard_name(task.shard)), consequence):
         fs.makedirs(folder, exist_ok=True)
         try:
             with fs.open(tmp, "wb") as f:
@@ -170,12 +203,17 @@ def write_shard(topk_dir: str, task: ShardTask, user_ids: np.ndarray, histories:
     return {"shard": task.shard, "users": len(user_ids), "fingerprint": task.fingerprint}
 
 
-def write_success(topk_dir: str, manifest: dict) -> None:
+def write_success(topk_dir: str, manifest: dict, consequence: str = "") -> None:
     fs, folder = storage.filesystem(topk_dir)
     tmp = posixpath.join(folder, f".{SUCCESS}.tmp-{uuid.uuid4().hex[:8]}")
-    with storage.writing(storage.join(topk_dir, SUCCESS)):
-        with fs.open(tmp, "w") as f:
-            f.write(json.dumps(manifest, indent=2))
+    with storage.writing(storage.join(topk_dir, SUCCESS), consequence):
+        try:
+            with fs.open(tmp, "w") as f:
+                f.write(json.dumps(manifest, indent=2))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                fs.rm(tmp)
+            raise
         fs.mv(tmp, posixpath.join(folder, SUCCESS))
 
 

@@ -37,8 +37,15 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 """An OSError with one of these (full disk, quota, read-only) is one line too, wherever it was raised."""
 
 
+def _from_object_store(exc: BaseException) -> bool:
+    """An object store that still failed after the client's retries (an S3 outage: s3fs raises OSError from
+    botocore's error): nothing for a traceback to show, one line says it."""
+    return any(type(e).__module__.split(".")[0] in ("botocore", "aiobotocore") for e in (exc, exc.__cause__))
+
+
 def _is_user_error(exc: BaseException) -> bool:
-    return isinstance(exc, USER_ERRORS) or (isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS)
+    return isinstance(exc, USER_ERRORS) or (isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS) or \
+        _from_object_store(exc)
 
 
 @contextlib.contextmanager
@@ -129,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if "--debug" in flags:
             traceback.print_exc()
-        print(f"recllm {argv[0]}: error: {exc}", file=sys.stderr)
+        store = "object store request failed after retries: " if _from_object_store(exc) else ""
+        print(f"recllm {argv[0]}: error: {store}{exc}", file=sys.stderr)
         return 2
     return 0
 

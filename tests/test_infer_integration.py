@@ -96,8 +96,9 @@ def test_killed_run_resumes_to_identical_output(run, ray_local, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "infer", *_args(other, raw, "infer.num_replicas=1")],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+    staging = other / ".topk.staging"  # where a run writes its shards until it publishes them as topk/
     deadline = time.time() + 300
-    while time.time() < deadline and not list((other / "topk").glob("part-*.parquet")):
+    while time.time() < deadline and not list(staging.glob("part-*.parquet")):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -105,19 +106,20 @@ def test_killed_run_resumes_to_identical_output(run, ray_local, tmp_path):
     # shard it was writing. Count once the set of shards has stopped changing (seen in CI under load).
     written, stable_since = None, time.time()
     while time.time() - stable_since < 3 and time.time() < deadline:
-        now = sorted(p.name for p in (other / "topk").glob("part-*.parquet"))
+        now = sorted(p.name for p in staging.glob("part-*.parquet"))
         if now != written:
             written, stable_since = now, time.time()
         time.sleep(0.2)
     assert 0 < len(written) < 7, written  # killed mid-run
-    assert not (other / "topk" / "_SUCCESS").exists()
-    for path in (other / "topk").glob("part-*.parquet"):  # every visible shard is complete and readable
+    assert not (other / "topk").exists()  # nothing published: no topk/ at all, rather than part of one
+    for path in staging.glob("part-*.parquet"):  # every staged shard is complete and readable
         assert pq.read_table(path).num_rows > 0
     assert main(["infer", *_args(other, raw)]) == 0
     success = json.loads((other / "topk" / "_SUCCESS").read_text())
     assert success["shards_computed"] == 7 - len(written)
     assert _topk(other).equals(reference)
     assert not [p for p in (other / "topk").iterdir() if ".tmp-" in p.name]
+    assert not staging.exists()
 
 
 def test_nightly_recomputes_only_changed_users(run, tmp_path):
