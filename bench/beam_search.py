@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.item_ids.item_codes import semantic_token, semantic_vocabulary  # noqa: E402
-from inference.code_trie import CodeTrie  # noqa: E402
-from inference.constrained_beam_search import (constrained_beam_search, encode_prompts,  # noqa: E402
+from ranking.code_trie import CodeTrie  # noqa: E402
+from ranking.constrained_beam_search import (constrained_beam_search, encode_prompts,  # noqa: E402
                                                hf_prefix_allowed_tokens_fn)
 from trainers.models import from_checkpoint, smollm2_135m, tiny  # noqa: E402
 

@@ -36,7 +36,7 @@ from data_pipeline import storage  # noqa: E402
 from data_pipeline.samples.prompt_format import pad_token_id  # noqa: E402
 from data_pipeline.streaming_reader import ShardedParquetStream  # noqa: E402
 from inference.evaluate import most_popular, recllm_metrics  # noqa: E402
-from inference.topk_scorer import TopKScorer  # noqa: E402
+from ranking.topk_scorer import TopKScorer  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 from trainers.models import build_model, count_parameters  # noqa: E402
 from trainers.packing import Packer  # noqa: E402

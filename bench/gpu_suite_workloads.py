@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from data_pipeline.item_ids.item_codes import semantic_token, semantic_vocabulary
-from inference.code_trie import CodeTrie
-from inference.constrained_beam_search import constrained_beam_search, encode_prompts
-from inference.multinomial_head import multinomial_topk
+from ranking.code_trie import CodeTrie
+from ranking.constrained_beam_search import constrained_beam_search, encode_prompts
+from ranking.multinomial_head import multinomial_topk
 from trainers import models
 from trainers.flop_count import mean_context, peak_bf16_flops, training_flops_per_token
 from trainers.packing import Packer, PackedBatch, TokenizedSample

@@ -15,9 +15,8 @@ import safetensors.numpy
 
 from data_pipeline import storage
 from data_pipeline.errors import DataError
+from data_pipeline.run_layout import MANIFEST_FILE, RunLayout
 
-BASELINE_DIR = "baseline"
-MANIFEST_FILE = "manifest.json"
 ITEM_EMBEDDINGS_FILE = "item_embeddings.safetensors"
 """One tensor, ``item_embeddings`` [num_items, hidden]: row i is dense item_id i."""
 FORMAT = "recllm.baseline/1"
@@ -25,7 +24,7 @@ RETRAIN = "run `recllm train-baseline`"
 
 
 def baseline_dir(run_dir: str) -> str:
-    return storage.join(run_dir, BASELINE_DIR)
+    return RunLayout(run_dir).baseline
 
 
 def baseline_settings(config, seed: int) -> dict:
@@ -35,7 +34,7 @@ def baseline_settings(config, seed: int) -> dict:
 
 def dataset_fingerprint(run_dir: str) -> str:
     """Digest of run_dir/dataset/'s files (their sha256 in its manifest): what the baseline was trained on."""
-    manifest = json.loads(storage.read_text(storage.join(run_dir, "dataset", MANIFEST_FILE)))
+    manifest = json.loads(storage.read_text(RunLayout(run_dir).dataset_manifest))
     return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
 
 

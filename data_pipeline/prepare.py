@@ -17,6 +17,8 @@ from data_pipeline import storage
 from data_pipeline.canonical import CanonicalDataset, build_canonical
 from data_pipeline.config import DataConfig
 from data_pipeline.importers import import_raw
+from data_pipeline.run_layout import (INTERACTIONS_DIR, ITEMS_FILE, MANIFEST_FILE, SEQUENCES_DIR, USERS_FILE,
+                                      RunLayout)
 from data_pipeline.sharding import user_shard
 
 log = logging.getLogger("recllm.data")
@@ -33,11 +35,11 @@ def _write_sharded(staged: storage.StagedFolder, rel_dir: str, table: pa.Table, 
 
 def write_dataset(data: CanonicalDataset, out_uri: str, cfg: DataConfig, source_files: list[str]) -> dict:
     with storage.staged_folder(out_uri) as staged:
-        staged.write_parquet("items.parquet", data.items, cfg.row_group_size)
-        staged.write_parquet("users.parquet", data.users, cfg.row_group_size)
-        _write_sharded(staged, "interactions", data.interactions, cfg)
+        staged.write_parquet(ITEMS_FILE, data.items, cfg.row_group_size)
+        staged.write_parquet(USERS_FILE, data.users, cfg.row_group_size)
+        _write_sharded(staged, INTERACTIONS_DIR, data.interactions, cfg)
         for split, table in data.sequences.items():
-            _write_sharded(staged, f"sequences/{split}", table, cfg)
+            _write_sharded(staged, f"{SEQUENCES_DIR}/{split}", table, cfg)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -50,20 +52,15 @@ def write_dataset(data: CanonicalDataset, out_uri: str, cfg: DataConfig, source_
             "num_shards": cfg.num_shards,
             "files": dict(sorted(staged.files.items())),
         }
-        staged.write_bytes("manifest.json", json.dumps(manifest, indent=2).encode())
+        staged.write_bytes(MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
     return manifest
-
-
-def read_manifest(run_dir: str) -> dict:
-    """run_dir/dataset/manifest.json, as every later stage reads it first."""
-    return storage.read_json(storage.join(run_dir, "dataset", "manifest.json"), "no dataset; run `recllm prepare` first")
 
 
 def run_prepare(cfg: DataConfig, run_dir: str) -> dict:
     """Import, canonicalise and write; returns the manifest."""
     raw = import_raw(cfg)
     data = build_canonical(raw, cfg)
-    out = storage.join(run_dir, "dataset")
+    out = RunLayout(run_dir).dataset
     manifest = write_dataset(data, out, cfg, raw.source_files)
     log.info("wrote %s: %d users, %d items, %d interactions", out, data.counts["users"], data.counts["items"],
              data.counts["interactions"])

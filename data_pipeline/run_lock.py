@@ -17,8 +17,7 @@ from typing import Iterator
 
 from data_pipeline import storage
 from data_pipeline.errors import DataError
-
-LOCK_FILE = ".lock"
+from data_pipeline.run_layout import RunLayout
 
 
 class RunLocked(DataError):
@@ -120,7 +119,7 @@ def _create(uri: str, data: bytes) -> bool:
 
 def acquire(run_dir: str, stage: str, *, break_lock: bool = False, max_age_s: float = 24 * 3600) -> RunLock:
     """Take run_dir/.lock for ``stage`` or raise RunLocked naming the holder."""
-    uri = storage.join(run_dir, LOCK_FILE)
+    uri = RunLayout(run_dir).lock
     pid = os.getpid()
     holder = {"host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid), "stage": stage,
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "started_unix": time.time(),

@@ -263,6 +263,10 @@ def _process_gone(pid: int) -> bool:
     return False
 
 
+MANIFEST_FILE = "manifest.json"
+"""A staged folder's manifest: published last on an object store, so a reader that finds it finds every file."""
+
+
 class StagedFolder:
     """Files written under a hidden temporary folder, renamed to ``final`` only on ``publish()``.
 
@@ -361,7 +365,7 @@ class StagedFolder:
         _SUCCESS for the top-K cache) last."""
         if self.fs.exists(self.final_path):
             self.fs.rm(self.final_path, recursive=True)
-        rels = sorted(self.files, key=lambda r: r in ("manifest.json", "_SUCCESS"))
+        rels = sorted(self.files, key=lambda r: r in (MANIFEST_FILE, "_SUCCESS"))
         for rel in rels:
             self.fs.copy(posixpath.join(self.tmp_path, rel), posixpath.join(self.final_path, rel))
         self.fs.rm(self.tmp_path, recursive=True)

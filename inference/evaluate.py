@@ -16,8 +16,8 @@ import pyarrow as pa
 from data_pipeline import storage
 from data_pipeline.baseline_files import baseline_dir, baseline_settings, dataset_fingerprint, read_baseline
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import read_manifest
-from inference.ranking_metrics import ranking_metrics
+from data_pipeline.run_layout import RunLayout
+from ranking.ranking_metrics import ranking_metrics
 from inference.topk_shards import SUCCESS
 
 log = logging.getLogger("recllm.evaluate")
@@ -79,21 +79,21 @@ def run_evaluate(cfg) -> dict:
 
     ecfg = cfg.eval
     run_dir = cfg.run_dir
-    dataset = storage.join(run_dir, "dataset")
-    manifest = read_manifest(run_dir)
+    layout = RunLayout(run_dir)
+    manifest = layout.read_manifest()
     num_items = manifest["counts"]["items"]
-    test = storage.read_parquet(storage.join(dataset, "sequences", "test")).sort_by("user_id")
+    test = layout.read_sequences("test").sort_by("user_id")
     targets = test.column("target").to_numpy()
     histories = test.column("history").to_pylist()
     kmax = max(ecfg.ks)
 
-    topk_manifest, topk = read_topk(storage.join(run_dir, "topk"), run_dir, test.column("user_id").to_pylist())
+    topk_manifest, topk = read_topk(layout.topk, run_dir, test.column("user_id").to_pylist())
     baseline = read_baseline(run_dir, baseline_settings(cfg.baseline, cfg.seed)) if ecfg.baseline else None
     ours = topk_matrix(topk.column("item_ids").to_pylist(), kmax)
     models = {"recllm": recllm_metrics(ours, targets, num_items, ecfg.ks)}
     models["recllm"]["users_per_second"] = topk_manifest.get("users_per_second")
 
-    popular = most_popular(storage.read_parquet(storage.join(dataset, "sequences", "train")), kmax)
+    popular = most_popular(layout.read_sequences("train"), kmax)
     models["popular"] = recllm_metrics(np.tile(popular, (len(targets), 1)), targets, num_items, ecfg.ks)
 
     if baseline is not None:
@@ -112,7 +112,7 @@ def run_evaluate(cfg) -> dict:
 
 
 def _train_losses(run_dir: str) -> list[tuple[int, float]]:
-    path = storage.join(run_dir, "train", "logs", "metrics.jsonl")
+    path = RunLayout(run_dir).train_metrics
     if not storage.exists(path):
         return []
     rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
@@ -125,7 +125,7 @@ def write_report(run_dir: str, report: dict, sasrec_losses: list[float]) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = storage.join(run_dir, "report")
+    out = RunLayout(run_dir).report()
     with storage.staged_folder(out) as staged:
         staged.write_bytes("metrics.json", json.dumps(report, indent=2).encode())
         ks = report["ks"]

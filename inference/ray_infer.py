@@ -19,10 +19,10 @@ import time
 import numpy as np
 
 from data_pipeline import storage
-from data_pipeline.item_ids.item_codes import TOKENS_FILE, read_item_codes, read_item_ids_checked
+from data_pipeline.item_ids.item_codes import read_item_ids_checked
 from data_pipeline.baseline_files import dataset_fingerprint
 from data_pipeline.errors import DataError, WriteError
-from data_pipeline.prepare import read_manifest
+from data_pipeline.run_layout import RunLayout
 from data_pipeline.samples.prompt_format import PromptFormat
 from inference import topk_shards as ts
 from trainers.model_files import check_trained_model, read_model_config
@@ -45,12 +45,12 @@ class ShardWorker:
                  recent: set[int] | None):
         import ray
 
-        from inference.topk_scorer import TopKScorer
+        from ranking.topk_scorer import TopKScorer
 
         device = "cuda" if icfg.use_gpu else "cpu"
         self.scorer = TopKScorer.from_model_dir(run_dir, model_dir, icfg, num_items, num_users, device)
         self.users: ts.UserHistories = ray.get(users)  # zero-copy views of the driver's one copy in the object store
-        self.topk_dir = storage.join(run_dir, "topk")  # the last complete run: rows to reuse
+        self.topk_dir = RunLayout(run_dir).topk  # the last complete run: rows to reuse
         self.stage_dir = ts.staging_dir(self.topk_dir)  # this run's shards
         self.settings, self.recent = settings, recent
         self.failed = ""
@@ -126,26 +126,27 @@ def check_inputs(run_dir: str, model_dir: str) -> None:
     """Everything the replicas will read, checked here before Ray starts: the model folder (family, weights,
     vocabulary), item_ids/ (one build, the item codes there) and the prompt format saved with the model."""
     read_model_config(model_dir, MISSING_MODEL)
-    item_ids_dir = storage.join(run_dir, "item_ids")
-    codes, tokens = read_item_ids_checked(item_ids_dir)
+    layout = RunLayout(run_dir)
+    codes, tokens = read_item_ids_checked(layout.item_ids)
     if codes is None:
-        read_item_codes(item_ids_dir)  # raises: infer names items by their codes
-    check_trained_model(model_dir, tokens, storage.join(item_ids_dir, TOKENS_FILE))
+        layout.read_item_codes()  # raises: infer names items by their codes
+    check_trained_model(model_dir, tokens, layout.tokens)
     PromptFormat.load(model_dir)
 
 
 def run_infer(cfg) -> dict:
     icfg = cfg.infer
     run_dir = cfg.run_dir if "://" in cfg.run_dir else os.path.abspath(cfg.run_dir)
-    model_dir = icfg.model_dir or storage.join(run_dir, "model")
+    layout = RunLayout(run_dir)
+    model_dir = icfg.model_dir or layout.model
     check_inputs(run_dir, model_dir)  # before Ray is even imported
 
     import ray
 
-    from inference.topk_scorer import _model_version
+    from ranking.topk_scorer import _model_version
 
-    topk_dir = storage.join(run_dir, "topk")
-    manifest = read_manifest(run_dir)
+    topk_dir = layout.topk
+    manifest = layout.read_manifest()
     users = ts.users_to_score(run_dir, icfg.mode)
     recent = ts.recent_users(run_dir, icfg.since) if icfg.since is not None else None
     model_version = _model_version(model_dir)

@@ -20,6 +20,7 @@ import torch
 
 from data_pipeline import storage
 from data_pipeline.errors import DataError
+from data_pipeline.run_layout import RunLayout
 from data_pipeline.samples.prompt_format import PromptFormat, pad_token_id
 
 log = logging.getLogger("recllm.review_tasks")
@@ -126,10 +127,11 @@ def run_evaluate_reviews(cfg) -> dict:
     from data_pipeline.reviews.build_reviews import read_reviews
 
     c = cfg.review_tasks
-    model_dir = Path(cfg.run_dir) / "model"
+    layout = RunLayout(cfg.run_dir)
+    model_dir = Path(layout.model)
     if not (model_dir / "config.json").exists():
         raise DataError(str(model_dir), "no exported model; run `recllm train` first")
-    test = storage.read_parquet(storage.join(cfg.run_dir, "samples", "test")).to_pandas().sort_values("sample_id")
+    test = storage.read_parquet(layout.samples_split("test")).to_pandas().sort_values("sample_id")
     reviews = read_reviews(cfg.run_dir, c.domain).to_pandas()
     train_mean = float(reviews.rating[reviews.split == "train"].mean())
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
@@ -199,7 +201,7 @@ def _write(cfg, report: dict) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    with storage.staged_folder(storage.join(cfg.run_dir, "report", "review_tasks")) as staged:
+    with storage.staged_folder(RunLayout(cfg.run_dir).report("review_tasks")) as staged:
         staged.write_bytes("report.json", json.dumps(report, indent=2).encode())
         staged.write_bytes("report.md", ("\n".join(lines) + "\n").encode())
         staged.write_bytes("scores.png", buf.getvalue())

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from data_pipeline import storage
 from data_pipeline.errors import DataError
+from data_pipeline.run_layout import RunLayout
 
 SUCCESS = "_SUCCESS"
 TOPK_SCHEMA = pa.schema([("user_id", pa.int64()), ("item_ids", pa.list_(pa.int64())),
@@ -71,13 +72,13 @@ def _from_table(table: pa.Table) -> UserHistories:
 
 def users_to_score(run_dir: str, mode: str) -> UserHistories:
     """test: the test rows' histories; nightly: every user's full history."""
-    dataset = storage.join(run_dir, "dataset")
+    layout = RunLayout(run_dir)
     if mode == "test":
-        test = storage.read_parquet(storage.join(dataset, "sequences", "test"), columns=["user_id", "history"])
+        test = layout.read_sequences("test", columns=["user_id", "history"])
         users = _from_table(test)
         del test
     else:
-        inter = storage.read_parquet(storage.join(dataset, "interactions"), columns=["user_id", "item_id", "position"])
+        inter = storage.read_parquet(layout.interactions, columns=["user_id", "item_id", "position"])
         inter = inter.sort_by([("user_id", "ascending"), ("position", "ascending")])
         ids = inter.column("user_id").to_numpy()
         starts = np.flatnonzero(np.diff(ids, prepend=-1))
@@ -92,10 +93,10 @@ def users_to_score(run_dir: str, mode: str) -> UserHistories:
 
 def recent_users(run_dir: str, since: int) -> set[int]:
     """Users with an interaction at or after ``since`` (unix time)."""
-    dataset = storage.join(run_dir, "dataset")
-    inter = storage.read_parquet(storage.join(dataset, "interactions"), columns=["user_id", "timestamp"])
+    layout = RunLayout(run_dir)
+    inter = storage.read_parquet(layout.interactions, columns=["user_id", "timestamp"])
     if inter.column("timestamp").null_count:
-        raise DataError(dataset, "infer.since needs timestamps; this dataset has only the order of interactions",
+        raise DataError(layout.dataset, "infer.since needs timestamps; this dataset has only the order of interactions",
                         field="timestamp")
     return set(pc.unique(inter.filter(pc.greater_equal(inter.column("timestamp"), since)).column("user_id")).to_pylist())
 

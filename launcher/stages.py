@@ -68,6 +68,7 @@ def _new_token_count(cfg) -> tuple[int, str]:
     import json
 
     from data_pipeline import storage
+    from data_pipeline.run_layout import RunLayout
 
     def readable(uri: str) -> bool:  # the dry run must work where run_dir is out of reach (no S3 credentials here)
         try:
@@ -76,13 +77,14 @@ def _new_token_count(cfg) -> tuple[int, str]:
             log.warning("plan: cannot read %s (%s); estimating instead", uri, type(exc).__name__)
             return False
 
-    tokens = storage.join(cfg.run_dir, "item_ids", "tokens.json")
+    layout = RunLayout(cfg.run_dir)
+    tokens = layout.tokens
     if readable(tokens):
         return len(json.loads(storage.read_text(tokens))), tokens
     if cfg.ids.scheme in ("semantic", "precomputed"):
         return cfg.ids.levels * cfg.ids.codes, f"{cfg.ids.levels} levels x {cfg.ids.codes} codes"
     if cfg.ids.scheme == "atomic":
-        manifest = storage.join(cfg.run_dir, "dataset", "manifest.json")
+        manifest = layout.dataset_manifest
         if readable(manifest):
             c = json.loads(storage.read_text(manifest))["counts"]
             if cfg.ids.user_tokens:

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inference.code_trie import CodeTrie
+from ranking.code_trie import CodeTrie
 
 VOCAB = 7
 

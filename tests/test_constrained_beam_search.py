@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from data_pipeline.item_ids.item_codes import ITEM_CODES_FILE, item_codes_table, semantic_token, semantic_vocabulary
-from inference.beam_decoders import CopiedCacheDecoder, SharedPromptDecoder, decoder_for
-from inference.code_trie import CodeTrie
-from inference.constrained_beam_search import (build_token_trie, constrained_beam_search, encode_prompts,
+from ranking.beam_decoders import CopiedCacheDecoder, SharedPromptDecoder, decoder_for
+from ranking.code_trie import CodeTrie
+from ranking.constrained_beam_search import (build_token_trie, constrained_beam_search, encode_prompts,
                                                hf_prefix_allowed_tokens_fn, reference_beam_search)
 from tests.tiny_families import FAMILIES, random_family_model
 from trainers.models import tiny

@@ -2,12 +2,13 @@
 lower one. The layers, lowest first (README, "Architecture"):
 
 1 config leaf      the config scheme (dataclass loading, overrides, ConfigError); imports nothing of the project
-2 storage          local / s3:// files, DataError, the run_dir lock, the files of run_dir/baseline/
+2 storage          local / s3:// files, DataError, the run layout (every path under run_dir and the readers of
+                   its shared tables), the run_dir lock, the files of run_dir/baseline/
 3 data             importers, the canonical dataset, item IDs, samples, reviews, the streaming reader
-4 models           LM builders and tokenizer loading, SASRec, the LoID modules, and what scores a model in one
-                   process: constrained beam search, the multinomial head, the top-K scorer, ranking metrics
+4 models           LM builders and tokenizer loading, SASRec, the LoID modules, and ranking/: what scores a model
+                   in one process (constrained beam search, the multinomial head, the top-K scorer, ranking metrics)
 5 train / infer /  the stages that drive them: Ray training (objectives, packing, validation rounds, export), the
-  evaluate         baseline's training, Ray inference, evaluation and reports
+  evaluate         baseline's training, Ray inference (inference/), evaluation and reports
 6 CLI              `recllm`, the composed config, the stage table, `recllm submit`
 
 A module's layer is that of the longest prefix in LAYERS that names it or a package above it.
@@ -21,13 +22,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("data_pipeline", "trainers", "inference", "launcher", "cluster")
+PACKAGES = ("data_pipeline", "trainers", "ranking", "inference", "launcher", "cluster")
 """bench/ and tests/ sit outside the layers: they may import anything."""
 
 LAYERS = {
     "data_pipeline.config_schema": 1,
     "data_pipeline.storage": 2,
     "data_pipeline.errors": 2,
+    "data_pipeline.run_layout": 2,
     "data_pipeline.run_lock": 2,
     "data_pipeline.baseline_files": 2,
     "data_pipeline": 3,
@@ -40,13 +42,7 @@ LAYERS = {
     "trainers.matrix_factorization": 4,
     "trainers.loid": 4,
     "trainers.assets": 4,
-    "inference.ranking_metrics": 4,
-    "inference.beam_decoders": 4,
-    "inference.code_trie": 4,
-    "inference.constrained_beam_search": 4,
-    "inference.multinomial_head": 4,
-    "inference.topk_scorer": 4,
-    "inference.user_prompts": 4,
+    "ranking": 4,
     "trainers": 5,
     "trainers.loid.objective": 5,
     "trainers.loid.evaluate": 5,
@@ -114,6 +110,19 @@ def test_every_module_has_a_layer():
 def test_no_import_points_up_a_layer():
     problems = upward_imports()
     assert not problems, "imports that point up a layer:\n" + "\n".join(problems)
+
+
+def test_layers_are_whole_packages_for_ranking_and_inference():
+    """The scorer that training and inference share lives in its own package, not as exceptions inside inference/."""
+    assert not [name for name in LAYERS if name.startswith(("ranking.", "inference."))]
+
+
+def test_training_imports_nothing_of_inference():
+    """Training and inference meet in ranking/ (layer 4), not by one stage package importing the other."""
+    modules = project_modules()
+    found = [f"{module} imports {target}" for module, path in modules.items() if module.startswith("trainers")
+             for _, target in imported_modules(module, path, set(modules)) if target.split(".")[0] == "inference"]
+    assert not found, found
 
 
 def test_the_config_leaf_imports_nothing_of_the_project():

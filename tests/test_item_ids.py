@@ -21,7 +21,7 @@ from data_pipeline.item_ids.config import IdsConfig
 from data_pipeline.item_ids.item_codes import code_matrix, read_item_codes, semantic_vocabulary
 from data_pipeline.item_ids.llm_text_targets import item_texts, mean_input_embeddings
 from data_pipeline.prepare import run_prepare
-from inference.code_trie import CodeTrie
+from ranking.code_trie import CodeTrie
 from tests.conftest import DEMO_DATA, REPO
 
 NUM_ITEMS, NUM_TOPICS, EMBED_DIM = 200, 8, 16
@@ -286,7 +286,7 @@ def test_atomic_scheme_adds_one_token_per_item_and_user(tiny_run):
 
 
 def test_atomic_scheme_without_user_tokens_names_items_only(tiny_run):
-    from inference.user_prompts import PromptBuilder
+    from ranking.user_prompts import PromptBuilder
 
     stats = run_build_ids(IdsConfig(scheme="atomic", user_tokens=False), str(tiny_run))
     out = tiny_run / "item_ids"

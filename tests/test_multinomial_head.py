@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.multinomial_head import multinomial_topk
+from ranking.multinomial_head import multinomial_topk
 from tests.tiny_families import FAMILIES, random_family_model
 from trainers.models import tiny
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from inference.ranking_metrics import catalogue_coverage, hit_rate_at_k, ndcg_at_k, ranking_metrics
+from ranking.ranking_metrics import catalogue_coverage, hit_rate_at_k, ndcg_at_k, ranking_metrics
 
 # Targets sit at 0-based rank 1, rank 2, and nowhere.
 TOPK = np.array([[3, 1, 2], [5, 6, 7], [9, 8, 0]])

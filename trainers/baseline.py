@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_pipeline import storage
-from data_pipeline.baseline_files import (FORMAT, ITEM_EMBEDDINGS_FILE, MANIFEST_FILE, baseline_dir,
-                                          baseline_settings, dataset_fingerprint)
+from data_pipeline.baseline_files import (FORMAT, ITEM_EMBEDDINGS_FILE, baseline_dir, baseline_settings,
+                                          dataset_fingerprint)
 from data_pipeline.config_schema import ConfigError
 from data_pipeline.errors import DataError
-from inference.ranking_metrics import DEFAULT_KS, catalogue_coverage, ranking_metrics
+from data_pipeline.run_layout import (MANIFEST_FILE, NO_DATASET, RunLayout, read_dataset_manifest, read_sequences,
+                                      sequences_dir)
+from ranking.ranking_metrics import DEFAULT_KS, catalogue_coverage, ranking_metrics
 from trainers.metrics_logger import MetricsLogger
 from trainers.sasrec import PAD, SASRec, checkpoint_files, recommend_topk
 from trainers.sasrec_config import SASRecConfig
@@ -39,23 +41,22 @@ log = logging.getLogger("recllm.sasrec")
 
 
 def read_num_items(dataset_dir: str) -> int:
-    manifest = json.loads(storage.read_text(storage.join(dataset_dir, "manifest.json")))
+    manifest = read_dataset_manifest(dataset_dir)
     return int(manifest["counts"]["items"])
 
 
 def read_split_rows(dataset_dir: str, split: str) -> tuple[list[list[int]], np.ndarray]:
     """(histories, targets) of a sequences split; empty when the split has no rows."""
-    uri = storage.join(dataset_dir, "sequences", split)
-    if not storage.list_files(uri, ".parquet"):
+    if not storage.list_files(sequences_dir(dataset_dir, split), ".parquet"):
         return [], np.zeros(0, dtype=np.int64)
-    table = storage.read_parquet(uri, columns=["history", "target"])
+    table = read_sequences(dataset_dir, split, columns=["history", "target"])
     return table.column("history").to_pylist(), table.column("target").to_numpy()
 
 
 def read_train_sequences(dataset_dir: str) -> list[list[int]]:
     """Each user's train sequence: the train row with the longest history (the latest among equals)
     plus its target. Valid and test targets lie after it by construction of the splits."""
-    table = storage.read_parquet(storage.join(dataset_dir, "sequences", "train"))
+    table = read_sequences(dataset_dir, "train")
     users = table.column("user_id").to_numpy()
     lengths = pc.list_value_length(table.column("history")).to_numpy()
     order = np.lexsort((np.arange(len(users)), lengths, users))  # by user, then length, then row order
@@ -275,9 +276,10 @@ def train_sasrec(dataset_dir: str, cfg: SASRecConfig, seed: int = 0, log_dir: st
 def run_train_baseline(cfg: SASRecConfig, run_dir: str, seed: int = 0) -> dict:
     """Train SASRec on run_dir/dataset/ and write run_dir/baseline/ in one staged folder (the folder appears
     complete or not at all; on s3:// the manifest lands last); returns the manifest."""
-    dataset_dir = storage.join(run_dir, "dataset")
-    if not storage.exists(storage.join(dataset_dir, MANIFEST_FILE)):
-        raise DataError(storage.join(dataset_dir, MANIFEST_FILE), "no dataset; run `recllm prepare` first")
+    layout = RunLayout(run_dir)
+    dataset_dir = layout.dataset
+    if not storage.exists(layout.dataset_manifest):
+        raise DataError(layout.dataset_manifest, NO_DATASET)
     fingerprint = dataset_fingerprint(run_dir)
     out = baseline_dir(run_dir)
     result = train_sasrec(dataset_dir, cfg, seed=seed)

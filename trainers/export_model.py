@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from data_pipeline import storage
+from data_pipeline.run_layout import RunLayout
 from data_pipeline.samples.prompt_format import PROMPT_FORMAT_FILE
 
 log = logging.getLogger("recllm.train")
@@ -28,7 +29,7 @@ def export_checkpoint(cfg, checkpoint_dir: str | Path, new_tokens: list[str], to
     checkpoint_dir = Path(checkpoint_dir)
     state = json.loads((checkpoint_dir / "trainer_state.json").read_text())
     weights = checkpoint_dir / "model" / "weights.safetensors"
-    best_dir = storage.join(storage.absolute(cfg.run_dir), "train", "best")
+    best_dir = storage.join(RunLayout(storage.absolute(cfg.run_dir)).train, "best")
     best = read_best(best_dir) if cfg.train.select_best else None
     if best is not None:
         state = {"step": best["step"], "lora": best["lora"], "valid": best["metrics"],
@@ -50,7 +51,7 @@ def export_weights(cfg, weights: Path, state: dict, new_tokens: list[str], token
         new_ids = tokenizer.convert_tokens_to_ids(new_tokens) if new_tokens else []
         model = apply_lora(model, new_ids, t.lora_r, t.lora_alpha, t.lora_dropout, t.lora_target_modules)
     load_weights(model, weights, trainable_only=lora)
-    out_uri = out_uri or storage.join(cfg.run_dir, "model")
+    out_uri = out_uri or RunLayout(cfg.run_dir).model
     with (storage.staged_folder(out_uri) as staged, tempfile.TemporaryDirectory(prefix="recllm-export-") as scratch,
           storage.writing(out_uri, f"; nothing was published, {out_uri} is as it was")):
         # Hugging Face writes to a local folder: the staged folder itself when local, else a scratch folder

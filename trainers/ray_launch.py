@@ -14,8 +14,9 @@ import numpy as np
 
 from data_pipeline import storage
 from data_pipeline.errors import DataError
-from data_pipeline.item_ids.item_codes import STATS_FILE, TOKENS_FILE, item_ids_files, read_item_ids_checked
+from data_pipeline.item_ids.item_codes import item_ids_files, read_item_ids_checked
 from data_pipeline.ray_session import connect_ray, ray_train_log_level
+from data_pipeline.run_layout import STATS_FILE, RunLayout
 from data_pipeline.samples.prompt_format import PromptFormat
 from trainers.model_files import check_checkpoint
 
@@ -25,8 +26,8 @@ log = logging.getLogger("recllm.train")
 def read_samples_manifest(run_dir: str, item_ids_dir: str) -> dict:
     """samples/manifest.json, after checking that samples/ holds exactly the files it lists, byte for byte (a
     shard from another run is refused) and that item_ids/ is the one the samples were written from."""
-    samples_dir = storage.join(run_dir, "samples")
-    uri = storage.join(samples_dir, "manifest.json")
+    layout = RunLayout(run_dir)
+    samples_dir, uri = layout.samples, layout.samples_manifest
     manifest = storage.read_json(uri, "not found; run `recllm build-samples` first")
     if manifest.get("files"):
         storage.verify_files(samples_dir, manifest["files"], uri, "rerun `recllm build-samples`")
@@ -43,10 +44,10 @@ def training_inputs(cfg) -> dict:
     """What every worker needs besides the config: new tokens, their texts, the task list, the prompt format.
     Every input is read and checked here, before Ray starts, so a bad one is one line naming the file."""
     run_dir = storage.absolute(cfg.run_dir)
-    item_ids_dir = storage.join(run_dir, "item_ids")
-    codes, new_tokens = read_item_ids_checked(item_ids_dir)
-    manifest = read_samples_manifest(run_dir, item_ids_dir)
-    check_checkpoint(cfg.model, new_tokens, storage.join(item_ids_dir, TOKENS_FILE))
+    layout = RunLayout(run_dir)
+    codes, new_tokens = read_item_ids_checked(layout.item_ids)
+    manifest = read_samples_manifest(run_dir, layout.item_ids)
+    check_checkpoint(cfg.model, new_tokens, layout.tokens)
     tasks = list(manifest["config"]["tasks"])
     sequence = "user_sequence" in tasks
     prompt_format = PromptFormat(
@@ -56,7 +57,7 @@ def training_inputs(cfg) -> dict:
         item_softmax=item_softmax(cfg))
     token_texts = None
     if cfg.model.new_token_init == "text":
-        items = storage.read_parquet(storage.join(run_dir, "dataset", "items.parquet"), ["item_id", "title"])
+        items = storage.read_parquet(layout.items, ["item_id", "title"])
         titles = {r["item_id"]: r["title"] for r in items.to_pylist() if r["title"]}
         rows = codes.select(["item_id", "tokens"]).to_pylist() if codes is not None else []
         token_texts = {row["tokens"][0]: titles[row["item_id"]] for row in rows
@@ -81,18 +82,18 @@ def collaborative_vectors(cfg, run_dir: str, new_tokens: list[str]) -> dict[str,
     (run_dir/baseline, trained with this run's settings)."""
     from data_pipeline.baseline_files import baseline_settings, read_item_embeddings
     from data_pipeline.item_ids.build_ids import load_codebook
-    from data_pipeline.item_ids.item_codes import CODEBOOK_FILE, semantic_vocabulary
+    from data_pipeline.item_ids.item_codes import semantic_vocabulary
 
-    item_ids = storage.join(run_dir, "item_ids")
-    if storage.exists(storage.join(item_ids, CODEBOOK_FILE)):
-        codebooks = load_codebook(item_ids)[0]["codebooks"].float().numpy()  # [levels, codes, dim]
+    layout = RunLayout(run_dir)
+    if storage.exists(layout.codebook):
+        codebooks = load_codebook(layout.item_ids)[0]["codebooks"].float().numpy()  # [levels, codes, dim]
         levels, codes, _ = codebooks.shape
         return {t: codebooks[k // codes, k % codes] for k, t in enumerate(semantic_vocabulary(levels, codes))}
     vectors, _ = read_item_embeddings(run_dir, baseline_settings(cfg.baseline, cfg.seed))
-    table = storage.read_parquet(storage.join(item_ids, "item_codes.parquet"), ["item_id", "tokens"]).to_pylist()
+    table = storage.read_parquet(layout.item_codes, ["item_id", "tokens"]).to_pylist()
     single = {row["tokens"][0]: vectors[row["item_id"]] for row in table if len(row["tokens"]) == 1}
     if not single:
-        raise DataError(storage.join(item_ids, "item_codes.parquet"), "model.new_token_init=collab needs atomic item "
+        raise DataError(layout.item_codes, "model.new_token_init=collab needs atomic item "
                         "tokens or a semantic codebook; this scheme has neither")
     return single
 
@@ -142,7 +143,7 @@ def worker_env(train, repo: Path) -> dict:
 
 
 def default_train_dir(cfg) -> str:
-    return storage.join(storage.absolute(cfg.run_dir), "train")
+    return RunLayout(storage.absolute(cfg.run_dir)).train
 
 
 def export_language_model(cfg, checkpoint_dir, inputs: dict, train_dir: str) -> str:

@@ -20,6 +20,7 @@ import torch
 
 from data_pipeline import storage
 from data_pipeline.ray_session import quiet_ray_logs, worker_log_level
+from data_pipeline.run_layout import RunLayout
 from data_pipeline.samples.prompt_format import pad_token_id
 from trainers.packing import Packer, TokenizedSample, tokenize_sample
 from trainers.best_checkpoint import BestCheckpoint
@@ -149,7 +150,7 @@ def packed_sample_feed(cfg, config: dict, objective, tokenizer, rank: int, world
 
     tcfg = cfg.train
     entity_index = objective.data.entities if getattr(objective, "uses_entities", False) else None
-    stream = ShardedParquetStream(storage.join(config["run_dir"], "samples", "train"), rank, world, batch_size=64,
+    stream = ShardedParquetStream(RunLayout(config["run_dir"]).samples_split("train"), rank, world, batch_size=64,
                                   seed=cfg.seed, columns=SAMPLE_COLUMNS,
                                   transform=tokenizing_transform(tokenizer, config["tasks"], tcfg.seq_len,
                                                                  entity_index))

@@ -7,12 +7,11 @@ sequences/valid only: test targets are read by `evaluate` alone.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import torch
 
-from data_pipeline import storage
+from data_pipeline.run_layout import RunLayout
 
 VALID_METRIC = "valid/NDCG@10"
 """The score checkpoint selection and early stopping compare."""
@@ -27,11 +26,11 @@ def valid_sample(num_rows: int, users: int, seed: int) -> np.ndarray:
 
 class ValidationRound:
     def __init__(self, cfg, run_dir: str, tokenizer, prompt_format, rank: int, world: int, device: str):
-        from inference.topk_scorer import TopKScorer
+        from ranking.topk_scorer import TopKScorer
 
-        dataset = storage.join(run_dir, "dataset")
-        counts = json.loads(storage.read_text(storage.join(dataset, "manifest.json")))["counts"]
-        valid = storage.read_parquet(storage.join(dataset, "sequences", "valid")).sort_by("user_id")
+        layout = RunLayout(run_dir)
+        counts = layout.read_manifest()["counts"]
+        valid = layout.read_sequences("valid").sort_by("user_id")
         rows = valid_sample(valid.num_rows, cfg.train.eval_users, cfg.seed)
         share = -(-len(rows) // world)
         # Every rank runs the same number of forward passes (ZeRO-3 gathers inside each one): pad the share
@@ -53,7 +52,7 @@ class ValidationRound:
     @torch.no_grad()
     def score(self, model) -> dict[str, float]:
         """{valid/HR@10, valid/NDCG@10} over the whole sample (every rank gets the same numbers)."""
-        from inference.ranking_metrics import hit_rate_at_k, ndcg_at_k
+        from ranking.ranking_metrics import hit_rate_at_k, ndcg_at_k
 
         was_training = model.training
         model.eval()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from data_pipeline.item_ids.item_codes import USER_CODES_FILE, BuiltIds, item_codes_table
+from data_pipeline.item_ids.item_codes import BuiltIds, item_codes_table
+from data_pipeline.run_layout import USER_CODES_FILE
 
 
 def item_token(item_id: int) -> str:

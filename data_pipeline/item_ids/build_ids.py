@@ -22,12 +22,12 @@ from data_pipeline.baseline_files import baseline_dir, read_item_embeddings
 from data_pipeline.errors import DataError
 from data_pipeline.item_ids.atomic_ids import build_atomic_ids
 from data_pipeline.item_ids.config import IdsConfig
-from data_pipeline.item_ids.item_codes import (CODEBOOK_FILE, ITEM_CODES_FILE, STATS_FILE, TOKENS_FILE, BuiltIds,
-                                              read_item_codes)
+from data_pipeline.item_ids.item_codes import BuiltIds
 from data_pipeline.item_ids.llm_text_targets import TextEmbedder, TextTargetsUnavailable, item_texts
 from data_pipeline.item_ids.precomputed_ids import build_precomputed_ids, index_path_from_manifest
 from data_pipeline.item_ids.subtoken_ids import build_subtoken_ids
-from data_pipeline.prepare import read_manifest
+from data_pipeline.run_layout import (CODEBOOK_FILE, ITEM_CODES_FILE, STATS_FILE, TOKENS_FILE, RunLayout,
+                                      read_item_codes)
 
 log = logging.getLogger("recllm.item_ids")
 
@@ -110,7 +110,7 @@ def _assign_only(ids: IdsConfig, run_dir: str, items: pa.Table, item_embeddings:
                  embedding_info: dict) -> BuiltIds:
     from data_pipeline.item_ids.semantic_ids import assign_new_items
 
-    source = ids.assign_from or storage.join(run_dir, "item_ids")
+    source = ids.assign_from or RunLayout(run_dir).item_ids
     stats_uri = storage.join(source, STATS_FILE)
     if not storage.exists(stats_uri):
         raise DataError(source, "no item_ids/ to assign from; build one first or set ids.assign_from")
@@ -147,14 +147,15 @@ def run_build_ids(ids: IdsConfig, run_dir: str, seed: int = 0, *, tokenizer=None
     ``baseline_settings`` when given; ``item_embeddings`` replaces them (tests, benches).
     """
     start = time.perf_counter()
-    dataset_dir = storage.join(run_dir, "dataset")
-    manifest = read_manifest(run_dir)
-    items = storage.read_parquet(storage.join(dataset_dir, "items.parquet")).sort_by("item_id")
+    layout = RunLayout(run_dir)
+    dataset_dir = layout.dataset
+    manifest = layout.read_manifest()
+    items = storage.read_parquet(layout.items).sort_by("item_id")
     seed = ids.seed if ids.seed is not None else seed
     if ids.scheme == "atomic":
         users = None
         if ids.user_tokens:
-            users = storage.read_parquet(storage.join(dataset_dir, "users.parquet")).sort_by("user_id")
+            users = storage.read_parquet(layout.users).sort_by("user_id")
         built = build_atomic_ids(items, users, ids.content_tokens)
     elif ids.scheme == "subtoken":
         if tokenizer is None:
@@ -174,7 +175,7 @@ def run_build_ids(ids: IdsConfig, run_dir: str, seed: int = 0, *, tokenizer=None
             built = _semantic(ids, items, manifest, seed, item_embeddings, embedding_info, text_embedder)
     built.stats = {"scheme": ids.scheme, "items": items.num_rows, "seed": seed, "new_tokens": len(built.new_tokens),
                    **built.stats, "total_seconds": round(time.perf_counter() - start, 2)}
-    out = storage.join(run_dir, "item_ids")
+    out = layout.item_ids
     write_item_ids(built, out)
     log.info("wrote %s: %s scheme, %d items, %d new tokens", out, ids.scheme, items.num_rows, len(built.new_tokens))
     return built.stats

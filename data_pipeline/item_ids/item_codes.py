@@ -7,7 +7,6 @@ scheme the item's text. ``codes`` are per-level code indices (semantic, precompu
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,14 +14,8 @@ import pyarrow as pa
 
 from data_pipeline import storage
 from data_pipeline.errors import DataError
-
-ITEM_CODES_FILE = "item_codes.parquet"
-USER_CODES_FILE = "user_codes.parquet"
-TOKENS_FILE = "tokens.json"
-CODEBOOK_FILE = "codebook.safetensors"
-STATS_FILE = "stats.json"
-ITEM_CODES_COLUMNS = ("item_id", "codes", "tokens")
-"""What every reader of item_codes.parquet needs; ``text`` is there for the subtoken scheme only."""
+from data_pipeline.run_layout import (ITEM_CODES_FILE, STATS_FILE, TOKENS_FILE, USER_CODES_FILE, read_item_codes,
+                                      read_new_tokens)
 
 
 def semantic_token(level: int, code: int) -> str:
@@ -61,32 +54,6 @@ def item_codes_table(items: pa.Table, codes: list[list[int]] | np.ndarray, token
     if text is not None:
         columns["text"] = pa.array(text, pa.string())
     return pa.table(columns)
-
-
-def read_item_codes(item_ids_dir: str) -> pa.Table:
-    """item_codes.parquet; missing, unreadable or without one of ITEM_CODES_COLUMNS is a DataError naming it."""
-    uri = storage.join(item_ids_dir, ITEM_CODES_FILE)
-    if not storage.exists(uri):
-        raise DataError(uri, "no item codes; run `recllm build-ids` first")
-    table = storage.read_parquet(uri)
-    for name in ITEM_CODES_COLUMNS:
-        if name not in table.column_names:
-            raise DataError(uri, f"column missing (found {table.column_names}); rebuild with `recllm build-ids`",
-                            field=name)
-    return table
-
-
-def read_new_tokens(item_ids_dir: str) -> list[str]:
-    """tokens.json: the LM tokens build-ids added, a JSON list of distinct non-empty strings."""
-    uri = storage.join(item_ids_dir, TOKENS_FILE)
-    tokens = storage.read_json(uri, "not found; run `recllm build-ids` first")
-    if not isinstance(tokens, list) or not all(isinstance(t, str) and t.strip() == t and t for t in tokens):
-        raise DataError(uri, "expected a JSON list of token strings (non-empty, no surrounding spaces); "
-                             "rebuild with `recllm build-ids`")
-    if len(set(tokens)) != len(tokens):
-        repeated = next(t for t, n in Counter(tokens).items() if n > 1)
-        raise DataError(uri, f"token {repeated!r} appears twice; rebuild with `recllm build-ids`")
-    return tokens
 
 
 def item_ids_files(stats: dict) -> dict[str, str]:

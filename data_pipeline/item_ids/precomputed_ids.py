@@ -17,6 +17,7 @@ from data_pipeline import storage
 from data_pipeline.errors import DataError
 from data_pipeline.item_ids.collisions import collision_counts, resolve_collisions
 from data_pipeline.item_ids.item_codes import BuiltIds, item_codes_table, semantic_token
+from data_pipeline.run_layout import MANIFEST_FILE
 
 TOKEN_PATTERN = re.compile(r"<([a-z])_(\d+)>")
 
@@ -24,7 +25,7 @@ TOKEN_PATTERN = re.compile(r"<([a-z])_(\d+)>")
 def index_path_from_manifest(manifest: dict, dataset_dir: str) -> str:
     source = manifest.get("source", {})
     if not source.get("path") or not source.get("name"):
-        raise DataError(storage.join(dataset_dir, "manifest.json"),
+        raise DataError(storage.join(dataset_dir, MANIFEST_FILE),
                         "source path/name missing; set ids.index_path to the <name>.index.json to import")
     return storage.join(source["path"], f"{source['name']}.index.json")
 

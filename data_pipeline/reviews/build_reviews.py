@@ -17,6 +17,7 @@ from data_pipeline import storage
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.reviews.config import ReviewsConfig
+from data_pipeline.run_layout import DATASET_DIR, MANIFEST_FILE, RunLayout
 
 log = logging.getLogger("recllm.reviews")
 
@@ -28,7 +29,7 @@ REVIEW_SCHEMA = pa.schema([
 
 
 def domain_dir(run_dir: str, domain: str) -> str:
-    return storage.join(run_dir, "domains", domain)
+    return RunLayout(run_dir).domain(domain)
 
 
 def split_reviews(inter: pd.DataFrame, min_user_reviews: int) -> pd.Series:
@@ -104,12 +105,12 @@ def run_build_reviews(cfg: ReviewsConfig, run_dir: str) -> dict:
         built[domain] = (data_cfg, raw.source_files, data, table, counts, time.perf_counter() - t0)
     for domain, (data_cfg, files, data, table, counts, seconds) in built.items():
         ddir = domain_dir(run_dir, domain)
-        write_dataset(data, storage.join(ddir, "dataset"), data_cfg, files)
+        write_dataset(data, storage.join(ddir, DATASET_DIR), data_cfg, files)
         with storage.staged_folder(storage.join(ddir, "reviews")) as staged:
             staged.write_parquet("reviews.parquet", table)
             manifest = {"domain": domain, "source": data_cfg.path, "files": files, "k": cfg.k,
                         "min_user_reviews": cfg.min_user_reviews, "counts": counts, "seconds": round(seconds, 2)}
-            staged.write_bytes("manifest.json", json.dumps(manifest, indent=2).encode())
+            staged.write_bytes(MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
         log.info("reviews %s: %s", domain, counts)
     return {domain: b[4] for domain, b in built.items()}
 

@@ -19,6 +19,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.item_ids.atomic_ids import item_token, user_token
 from data_pipeline.reviews.build_reviews import read_reviews
 from data_pipeline.reviews.task_config import ReviewTasksConfig
+from data_pipeline.run_layout import MANIFEST_FILE, STATS_FILE, TOKENS_FILE, RunLayout
 
 TEMPLATE_FILE = "review_tasks.json"
 # Codes above the shared sample stage's (1-4, and its valid code) so sample_ids never collide.
@@ -125,12 +126,13 @@ def run_build_review_samples(cfg, run_dir: str | None = None) -> dict:
     test = build_task_rows(reviews, c, "test", cfg.seed, templates, template_index=0)
     users, items = reviews.column("user_id").to_numpy(), reviews.column("item_id").to_numpy()
     tokens = [item_token(i) for i in range(int(items.max()) + 1)] + [user_token(u) for u in range(int(users.max()) + 1)]
-    with storage.staged_folder(storage.join(run_dir, "item_ids")) as staged:
-        staged.write_bytes("tokens.json", json.dumps(tokens).encode())
-        staged.write_bytes("stats.json", json.dumps({"scheme": "atomic", "items": int(items.max()) + 1,
+    layout = RunLayout(run_dir)
+    with storage.staged_folder(layout.item_ids) as staged:
+        staged.write_bytes(TOKENS_FILE, json.dumps(tokens).encode())
+        staged.write_bytes(STATS_FILE, json.dumps({"scheme": "atomic", "items": int(items.max()) + 1,
                                                       "new_tokens": len(tokens), "source": f"reviews/{c.domain}"}).encode())
     shuffled = train.take(pa.array(np.random.default_rng(cfg.seed).permutation(train.num_rows)))
-    with storage.staged_folder(storage.join(run_dir, "samples")) as staged:
+    with storage.staged_folder(layout.samples) as staged:
         for split, table in (("train", shuffled), ("test", test)):
             for k in range(c.num_shards):
                 part = table.take(pa.array(np.arange(k, table.num_rows, c.num_shards)))
@@ -142,5 +144,5 @@ def run_build_review_samples(cfg, run_dir: str | None = None) -> dict:
                     "counts": counts, "seed": cfg.seed, "codes": {t: REVIEW_TASK_CODES[t] for t in c.tasks},
                     "templates": {t: len(templates[t]) for t in c.tasks}, "seconds": round(time.perf_counter() - t0, 2),
                     "files": dict(sorted(staged.files.items()))}
-        staged.write_bytes("manifest.json", json.dumps(manifest, indent=2).encode())
+        staged.write_bytes(MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
     return manifest

@@ -19,8 +19,9 @@ import pyarrow as pa
 
 from data_pipeline import storage
 from data_pipeline.item_ids.atomic_ids import content_twin
-from data_pipeline.item_ids.item_codes import ITEM_CODES_FILE, STATS_FILE, TOKENS_FILE, item_ids_files, read_new_tokens
-from data_pipeline.prepare import read_manifest
+from data_pipeline.item_ids.item_codes import item_ids_files
+from data_pipeline.run_layout import (INTERACTIONS_DIR, ITEM_CODES_FILE, MANIFEST_FILE, STATS_FILE, TOKENS_FILE,
+                                      RunLayout, read_new_tokens, read_sequences)
 from data_pipeline.samples.config import TASKS, SamplesConfig
 from data_pipeline.samples.item_rendering import clean_text, item_names, read_item_ids, user_names
 from data_pipeline.samples.prompt_templates import templates_in_use
@@ -43,8 +44,8 @@ ID_BITS = 40
 splits, and the same for a seed whatever other tasks are on and whatever max_samples_per_task keeps."""
 
 
-def read_sequences(dataset_dir: str, split: str) -> SequenceRows:
-    table = storage.read_parquet(storage.join(dataset_dir, "sequences", split))
+def sequence_rows(dataset_dir: str, split: str) -> SequenceRows:
+    table = read_sequences(dataset_dir, split)
     order = np.argsort(table.column("user_id").to_numpy(), kind="stable")
     table = table.take(pa.array(order))
     return SequenceRows(table.column("user_id").to_numpy(), table.column("history").to_pylist(),
@@ -57,7 +58,7 @@ def read_item_text(items: pa.Table) -> ItemText:
 
 def interacted_items(dataset_dir: str) -> dict[int, frozenset[int]]:
     """Every item each user interacted with, in any split (negatives must avoid valid/test items too)."""
-    inter = storage.read_parquet(storage.join(dataset_dir, "interactions"), columns=["user_id", "item_id"])
+    inter = storage.read_parquet(storage.join(dataset_dir, INTERACTIONS_DIR), columns=["user_id", "item_id"])
     users, items = inter.column("user_id").to_numpy(), inter.column("item_id").to_numpy()
     order = np.argsort(users, kind="stable")
     users, items = users[order], items[order]
@@ -67,7 +68,7 @@ def interacted_items(dataset_dir: str) -> dict[int, frozenset[int]]:
 
 def train_reviews(dataset_dir: str, rows: SequenceRows) -> list[tuple[int, int, str]]:
     """(user, item, review text) of the interactions in the train split only, when the dataset kept reviews."""
-    inter = storage.read_parquet(storage.join(dataset_dir, "interactions"))
+    inter = storage.read_parquet(storage.join(dataset_dir, INTERACTIONS_DIR))
     if "review" not in inter.column_names or inter.column("review").null_count == inter.num_rows:
         return []
     train_pairs = {(u, i) for u, items in user_documents(rows).items() for i in items}
@@ -128,16 +129,17 @@ def _item_ids_stats(item_ids_dir: str) -> dict:
 def build_samples(cfg: SamplesConfig, run_dir: str, seed: int, scheme: str | None = None) -> dict:
     """Build run_dir/samples/ from run_dir/dataset/ and run_dir/item_ids/; returns the manifest."""
     start = time.perf_counter()
-    dataset_dir, ids_dir = storage.join(run_dir, "dataset"), storage.join(run_dir, "item_ids")
-    dataset_manifest = read_manifest(run_dir)
+    layout = RunLayout(run_dir)
+    dataset_dir, ids_dir = layout.dataset, layout.item_ids
+    dataset_manifest = layout.read_manifest()
     ids_stats = _item_ids_stats(ids_dir)
-    items = storage.read_parquet(storage.join(dataset_dir, "items.parquet")).sort_by("item_id")
+    items = storage.read_parquet(layout.items).sort_by("item_id")
     num_users = int(dataset_manifest["counts"]["users"])
     item_codes, user_codes = read_item_ids(ids_dir, with_users=cfg.user_tokens)
     names = item_names(item_codes, items.num_rows, storage.join(ids_dir, ITEM_CODES_FILE))
     users = user_names(user_codes, num_users)
     text = read_item_text(items)
-    train = read_sequences(dataset_dir, "train")
+    train = sequence_rows(dataset_dir, "train")
 
     tasks: dict[str, TaskSamples] = {}
     notes: dict[str, str] = {}
@@ -170,7 +172,7 @@ def build_samples(cfg: SamplesConfig, run_dir: str, seed: int, scheme: str | Non
                                            templates["not_interested"], rng, cfg.negative_ratio,
                                            cfg.max_history_in_prompt)
     # Valid prompts all use the first template, so evaluation loss does not move with the template draw.
-    valid = sequential_samples(read_sequences(dataset_dir, "valid"), names, users,
+    valid = sequential_samples(sequence_rows(dataset_dir, "valid"), names, users,
                                templates_in_use("sequential", cfg.templates_per_task)["next_item"], None,
                                cfg.max_history_in_prompt, desc="samples: valid")
 
@@ -179,7 +181,7 @@ def build_samples(cfg: SamplesConfig, run_dir: str, seed: int, scheme: str | Non
     train_table = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()
     valid_keep = _subset(len(valid), cfg.max_samples_per_task, seed, VALID_CODE)
     valid_table = to_table("sequential", valid, VALID_CODE, valid_keep)
-    out = storage.join(run_dir, "samples")
+    out = layout.samples
     with storage.staged_folder(out) as staged:
         write_sharded(staged, "train", train_table, cfg, seed)
         write_sharded(staged, "valid", valid_table, cfg, seed)
@@ -202,7 +204,7 @@ def build_samples(cfg: SamplesConfig, run_dir: str, seed: int, scheme: str | Non
             "seconds": round(time.perf_counter() - start, 2),
             "files": dict(sorted(staged.files.items())),
         }
-        staged.write_bytes("manifest.json", json.dumps(manifest, indent=2).encode())
+        staged.write_bytes(MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
     log.info("wrote %s: %s train samples (%s), %d valid, in %.1fs", out, train_table.num_rows,
              ", ".join(f"{t}={n}" for t, n in manifest["counts"]["train"].items() if t != "total"),
              valid_table.num_rows, manifest["seconds"])

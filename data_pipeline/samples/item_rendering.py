@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from data_pipeline import storage
 from data_pipeline.errors import DataError
-from data_pipeline.item_ids.item_codes import USER_CODES_FILE, read_item_codes
+from data_pipeline.run_layout import USER_CODES_FILE, read_item_codes
 
 ANONYMOUS_USER = "the user"
 

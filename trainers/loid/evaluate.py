@@ -15,6 +15,7 @@ import torch
 
 from data_pipeline import storage
 from data_pipeline.reviews.build_reviews import read_reviews
+from data_pipeline.run_layout import RunLayout
 
 log = logging.getLogger("recllm.loid")
 
@@ -83,7 +84,7 @@ def run_evaluate_loid(cfg) -> dict:
                 for s in ("valid", "test")}
     models["mf"] = {**_scores(pred["valid"], truth["valid"], "valid"), **_scores(pred["test"], truth["test"], "test"),
                     "best_epoch": mf.best_epoch, "dim": mf.dim, "weight_decay": mf.weight_decay}
-    root = Path(cfg.run_dir).resolve() / "loid"
+    root = Path(RunLayout(cfg.run_dir).loid()).resolve()
     for variant in c.variants:
         run_dir = root / variant
         if not (run_dir / "run.json").exists():
@@ -118,7 +119,7 @@ def _write(cfg, report: dict) -> None:
     ax.barh([LABELS.get(n, n) for n in names], [report["models"][n]["test_mse"] for n in names])
     ax.set_xlabel("test MSE (lower is better)")
     fig.tight_layout()
-    with storage.staged_folder(storage.join(cfg.run_dir, "report", "loid")) as staged:
+    with storage.staged_folder(RunLayout(cfg.run_dir).report("loid")) as staged:
         staged.write_bytes("report.json", json.dumps(report, indent=2).encode())
         staged.write_bytes("report.md", ("\n".join(lines) + "\n").encode())
         import io

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.run_layout import RunLayout
 from trainers.recipes.registry import BuiltModel, ObjectiveContext, register_objective
 
 log = logging.getLogger("recllm.loid")
@@ -72,7 +73,7 @@ def build_loid_model(cfg, run: dict, reviews, tokenizer_and_lm=None):
 
     c = cfg.loid
     lm, tokenizer = tokenizer_and_lm or build_model(cfg.model, [], device="cpu", seed=cfg.seed)
-    root = Path(cfg.run_dir).resolve() / "loid"
+    root = Path(RunLayout(cfg.run_dir).loid()).resolve()
     sources = {d: root / f"source_{d}" / "plugin" / d for d in run["sources"]}
     missing = [str(p) for p in sources.values() if not (p / "adapter_config.json").exists()]
     if missing:
@@ -163,7 +164,7 @@ class LoIDObjective:
     def train_dir(cls, cfg) -> str:
         from data_pipeline import storage
 
-        return storage.join(storage.absolute(cfg.run_dir), "loid", run_spec(cfg)["name"], "train")
+        return storage.join(RunLayout(storage.absolute(cfg.run_dir)).loid(run_spec(cfg)["name"]), "train")
 
     @classmethod
     def export(cls, cfg, checkpoint_dir, inputs: dict, train_dir: str) -> str:
@@ -189,7 +190,7 @@ class LoIDObjective:
         if unexpected or trainable & set(missing):
             raise KeyError(f"{weights}: does not match run {run['name']} ({unexpected[:3]}, "
                            f"{sorted(trainable & set(missing))[:3]})")
-        out = Path(inputs["run_dir"]) / "loid" / run["name"]
+        out = Path(RunLayout(inputs["run_dir"]).loid(run["name"]))
         (out / "run.json").unlink(missing_ok=True)
         save_plugin(model.lm, run["domain"], out / "plugin")
         save_file({k: v.contiguous() for k, v in model.domain_state().items()}, str(out / "domain_state.safetensors"))

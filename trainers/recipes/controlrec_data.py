@@ -6,11 +6,11 @@ graph (visibility matrix). Read once per worker from dataset/ and item_ids/; tra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from data_pipeline import storage
+from data_pipeline.run_layout import RunLayout
 from data_pipeline.samples.item_rendering import clean_text, item_names, user_names
 from data_pipeline.samples.prompt_templates import load_instruction_bank
 from data_pipeline.samples.tasks import ITEM_SEPARATOR, cut_words
@@ -53,19 +53,18 @@ class ControlRecData:
 
     @classmethod
     def load(cls, run_dir: str, cfg, max_history: int) -> "ControlRecData":
-        run = Path(run_dir)
-        items = pq.read_table(run / "dataset" / "items.parquet").sort_by("item_id")
-        codes = pq.read_table(run / "item_ids" / "item_codes.parquet")
-        names = item_names(codes, items.num_rows, str(run / "item_ids" / "item_codes.parquet"))
+        layout = RunLayout(run_dir)
+        items = storage.read_parquet(layout.items).sort_by("item_id")
+        codes = storage.read_parquet(layout.item_codes)
+        names = item_names(codes, items.num_rows, layout.item_codes)
         titles, descriptions = clean_text(items.column("title")), clean_text(items.column("description"))
         text = [cut_words(". ".join(x for x in (t, d) if x), cfg.description_words) if (t or d) else None
                 for t, d in zip(titles, descriptions)]
-        train = pq.read_table(run / "dataset" / "sequences" / "train")
-        users_file = run / "item_ids" / "user_codes.parquet"
+        train = layout.read_sequences("train")
         unames = None
-        if users_file.exists():
-            num_users = int(pq.read_metadata(run / "dataset" / "users.parquet").num_rows)
-            unames = user_names(pq.read_table(users_file), num_users)
+        if storage.exists(layout.user_codes):
+            num_users = storage.read_parquet(layout.users, columns=["user_id"]).num_rows
+            unames = user_names(storage.read_parquet(layout.user_codes), num_users)
         return cls(names, text, train.column("history").to_pylist(), train.column("target").to_pylist(),
                    train.column("user_id").to_pylist(), unames, cfg.visibility_window, max_history)
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from data_pipeline.item_ids.atomic_ids import CONTENT_PREFIX, content_twin
-from data_pipeline.item_ids.item_codes import ITEM_CODES_FILE
+from data_pipeline.run_layout import RunLayout
 from trainers.recipes.contrastive_losses import hfm_loss, icl_loss, icl_weight, mean_pool
 from trainers.recipes.controlrec_data import ControlRecData
 from trainers.recipes.registry import ObjectiveContext, objective_class, register_objective
@@ -83,10 +83,7 @@ class SequenceObjective(SFTObjective):
 
     @classmethod
     def build(cls, ctx: ObjectiveContext):
-        from data_pipeline import storage
-        from data_pipeline.item_ids.item_codes import read_item_codes
-
-        codes = read_item_codes(storage.join(ctx.run_dir, "item_ids"))
+        codes = RunLayout(ctx.run_dir).read_item_codes()
         token_seqs = ([] if "text" in codes.column_names and codes.column("text").null_count == 0
                       else codes.column("tokens").to_pylist())
         group_of, groups = token_groups(ctx.tokenizer, token_seqs, len(ctx.tokenizer))
@@ -249,8 +246,7 @@ class CLLM4RecObjective(SFTObjective):
     def build(cls, ctx: ObjectiveContext):
         from data_pipeline import storage
 
-        uri = storage.join(ctx.run_dir, "item_ids", ITEM_CODES_FILE)
-        codes = storage.read_parquet(uri, columns=["tokens"]).column("tokens").to_pylist()
+        codes = storage.read_parquet(RunLayout(ctx.run_dir).item_codes, columns=["tokens"]).column("tokens").to_pylist()
         return cls(len(ctx.tasks), ctx.train.cllm4rec, ctx.tasks, ctx.tokenizer, ctx.new_tokens, [c[0] for c in codes])
 
     @staticmethod

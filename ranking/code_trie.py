@@ -104,7 +104,8 @@ class CodeTrie:
         import json
 
         from data_pipeline import storage
-        from data_pipeline.item_ids.item_codes import STATS_FILE, code_matrix, read_item_codes
+        from data_pipeline.item_ids.item_codes import code_matrix
+        from data_pipeline.run_layout import STATS_FILE, read_item_codes
 
         table = read_item_codes(item_ids_dir)
         if vocab_size is None:

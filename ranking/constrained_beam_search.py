@@ -1,7 +1,7 @@
 """Top-K items per user by beam search restricted to valid item codes: the step after training, before ranking.
 
 ``constrained_beam_search`` prefills each user's prompt once and then takes one cached forward step per code
-level for all users x beams at once (``inference.beam_decoders``), each beam allowed only its trie children;
+level for all users x beams at once (``ranking.beam_decoders``), each beam allowed only its trie children;
 ``reference_beam_search`` is the slow, plainly correct version (one user at a time, no cache) that the tests
 hold the fast one to.
 """
@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from inference.beam_decoders import CopiedCacheDecoder, decoder_for
-from inference.code_trie import CodeTrie
+from ranking.beam_decoders import CopiedCacheDecoder, decoder_for
+from ranking.code_trie import CodeTrie
 from data_pipeline.samples.prompt_format import PromptFormat
 
 # Semantics shared by both versions (the tests check them against each other and against brute force):
@@ -136,7 +136,7 @@ def constrained_beam_search(model, prompt_ids: Sequence[Sequence[int]], trie: Co
 
     Users go through the model ``users_per_batch`` at a time (all at once by default), grouped by prompt
     length: one prefill of the batch's prompts, then users x beams rows for every code level after the
-    first. ``decoder`` picks the forward passes (``inference.beam_decoders``): ``auto`` lets a user's beams
+    first. ``decoder`` picks the forward passes (``ranking.beam_decoders``): ``auto`` lets a user's beams
     share its prompt cache for the LLaMA family (Llama, Mistral, Qwen2, Qwen3) and copies the cache to every
     beam otherwise. ``normaliser``: what each token's log-softmax runs over (the comment at the top).
     """

@@ -5,7 +5,7 @@ validation uses), rendered with the run's item names (and user tokens for atomic
 
 from __future__ import annotations
 
-from data_pipeline import storage
+from data_pipeline.run_layout import RunLayout
 from data_pipeline.samples.item_rendering import item_names, read_item_ids, user_names
 from data_pipeline.samples.prompt_format import PromptFormat
 from data_pipeline.samples.prompt_templates import load_templates
@@ -15,9 +15,9 @@ from data_pipeline.samples.tasks import item_joiner, render_items
 class PromptBuilder:
     def __init__(self, run_dir: str, num_items: int, num_users: int, max_history: int, user_tokens: bool = True,
                  prompt_format: PromptFormat | None = None):
-        item_ids_dir = storage.join(run_dir, "item_ids")
-        codes, users = read_item_ids(item_ids_dir, with_users=user_tokens)
-        self.item_names = item_names(codes, num_items, storage.join(item_ids_dir, "item_codes.parquet"))
+        layout = RunLayout(run_dir)
+        codes, users = read_item_ids(layout.item_ids, with_users=user_tokens)
+        self.item_names = item_names(codes, num_items, layout.item_codes)
         self.user_names = user_names(users, num_users)
         self.format = prompt_format or PromptFormat()
         self.template = load_templates("sequential")["next_item"][0]

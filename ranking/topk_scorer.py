@@ -12,9 +12,9 @@ import pyarrow as pa
 import torch
 
 from data_pipeline import storage
-from data_pipeline.item_ids.item_codes import read_item_codes
+from data_pipeline.run_layout import RunLayout
 from data_pipeline.samples.prompt_format import pad_token_id
-from inference.code_trie import CodeTrie
+from ranking.code_trie import CodeTrie
 
 log = logging.getLogger("recllm.infer")
 
@@ -25,13 +25,13 @@ class TopKScorer:
 
     def __init__(self, run_dir: str, model, tokenizer, prompt_format, infer_cfg, num_items: int, num_users: int,
                  device: str = "cpu"):
-        from inference.user_prompts import PromptBuilder
+        from ranking.user_prompts import PromptBuilder
 
         self.cfg, self.device, self.model, self.tokenizer = infer_cfg, device, model, tokenizer
         self.normaliser = prompt_format.item_softmax if prompt_format is not None else "vocabulary"
         self.model_version = ""
         self.prompts = PromptBuilder(run_dir, num_items, num_users, infer_cfg.max_history, prompt_format=prompt_format)
-        codes = read_item_codes(storage.join(run_dir, "item_ids")).sort_by("item_id")  # row r = item_id r
+        codes = RunLayout(run_dir).read_item_codes().sort_by("item_id")  # row r = item_id r
         self.items = codes.column("item_id").to_numpy()
         token_seqs = self._token_sequences(codes)
         if infer_cfg.scorer == "multinomial":
@@ -100,7 +100,7 @@ class TopKScorer:
                 idx, scores = multinomial_items(self, ids, mask, seen)
                 items = self.items[idx.cpu().numpy()]
             else:
-                from inference.constrained_beam_search import constrained_beam_search
+                from ranking.constrained_beam_search import constrained_beam_search
 
                 prompt_rows = self._prompt_rows(u, h)
                 top_k = self.cfg.num_beams if self.cfg.exclude_seen else self.cfg.top_k
@@ -116,7 +116,7 @@ class TopKScorer:
 
 
 def multinomial_items(scorer: TopKScorer, ids, mask, seen):
-    from inference.multinomial_head import multinomial_topk
+    from ranking.multinomial_head import multinomial_topk
 
     # seen items are dense item_ids; the head indexes item_codes rows, which are in item_id order
     return multinomial_topk(scorer.model, ids, mask, scorer.item_token_ids, scorer.cfg.top_k, seen)
