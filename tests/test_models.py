@@ -272,3 +272,18 @@ def test_smollm2_loads_with_new_tokens_and_runs_forward():
     with torch.no_grad():
         next_id = model(**prompt).logits[0, -1].argmax().item()
     assert "Paris" in tok.decode([next_id])
+
+
+def test_tiny_attention_dropout_acts_in_training_only():
+    from trainers.models import tiny
+
+    model, _ = tiny(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64,
+                    attention_dropout=0.5, attn_implementation="eager", seed=0)
+    assert model.config.attention_dropout == 0.5
+    ids = torch.arange(5, 25).view(1, -1)
+    model.train()
+    torch.manual_seed(0)
+    first = model(input_ids=ids).logits
+    assert not torch.allclose(first, model(input_ids=ids).logits)  # a fresh mask each forward
+    model.eval()
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)

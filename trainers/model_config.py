@@ -39,12 +39,16 @@ class TinyShape:
     """Longest sequence, also the tokenizer's model_max_length."""
     tie_embeddings: bool = True
     """Share the input embedding and the output head (false gives an untied head, like LLaMA-2)."""
+    attention_dropout: float = 0.0
+    """Dropout on the attention weights while training (LlamaConfig.attention_dropout); off at inference."""
 
     def check(self) -> list[str]:
         problems: list[str] = []
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                      "max_position_embeddings"):
             problems += positive(name, getattr(self, name))
+        if not 0.0 <= self.attention_dropout < 1.0:
+            problems.append(f"attention_dropout: {self.attention_dropout}; expected 0 <= p < 1")
         if problems:
             return problems
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:

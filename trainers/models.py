@@ -269,8 +269,8 @@ def _new_rows(old: torch.Tensor, pieces: list[list[int] | None], noise: float, s
 
 def tiny(new_tokens: Sequence[str] = (), *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
          num_kv_heads: int = 2, intermediate_size: int = 256, max_position_embeddings: int = 1024,
-         tie_embeddings: bool = True, checkpoint: str = "", token_texts: Mapping[str, str] | None = None,
-         token_vectors: Mapping[str, np.ndarray] | None = None,
+         tie_embeddings: bool = True, attention_dropout: float = 0.0, checkpoint: str = "",
+         token_texts: Mapping[str, str] | None = None, token_vectors: Mapping[str, np.ndarray] | None = None,
          new_token_init: str = "mean", new_token_noise: float = 0.01, dtype: str | torch.dtype = "float32",
          attn_implementation: str = "auto", device: str = "cpu",
          seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -286,7 +286,7 @@ def tiny(new_tokens: Sequence[str] = (), *, hidden_size: int = 128, num_layers: 
         model = _load_checkpoint(checkpoint, shape, "tiny", torch_dtype, attn)
     else:
         config = shape.llama_config(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                    pad_token_id=tokenizer.pad_token_id)
+                                    pad_token_id=tokenizer.pad_token_id, attention_dropout=attention_dropout)
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
             torch.manual_seed(seed)
             model = LlamaForCausalLM._from_config(config, dtype=torch_dtype, attn_implementation=attn)
@@ -463,6 +463,7 @@ def build_model(cfg: ModelConfig, new_tokens: Sequence[str] = (), token_texts: M
         model, tokenizer = tiny(new_tokens, hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
                                 num_kv_heads=t.num_kv_heads, intermediate_size=t.intermediate_size,
                                 max_position_embeddings=t.max_position_embeddings, tie_embeddings=t.tie_embeddings,
+                                attention_dropout=t.attention_dropout,
                                 **common)
     elif cfg.size == "smollm2_135m":
         model, tokenizer = smollm2_135m(new_tokens, **common)
