@@ -89,6 +89,18 @@ def test_zero2_loss_falls_and_replicas_agree(zero2_run):
     assert json.loads((model_dir / "recllm_model.json").read_text())["step"] == 40
 
 
+def test_a_fresh_run_starts_over_in_a_run_dir_with_an_earlier_runs_checkpoints(zero2_run, tmp_path):
+    """Without train.resume, a run in a run_dir that holds another run's checkpoints (a re-run after a config
+    change) trains from step 0: Ray Train would otherwise restore the earlier run's latest checkpoint (step 40
+    here) and export it as this run's model."""
+    base_dir, _ = zero2_run
+    run_dir = _copy_inputs(base_dir, tmp_path / "run")
+    shutil.copytree(base_dir / "train" / "ray", run_dir / "train" / "ray")
+    out = _train(run_dir, "train.deepspeed_config=configs/deepspeed/zero2.json", "train.max_steps=10")
+    assert json.loads((Path(out["model_dir"]) / "recllm_model.json").read_text())["step"] == 10
+    assert sorted(_seen(run_dir, 0)) == list(range(1, 11))
+
+
 def test_zero3_loss_falls_and_replicas_agree(prepared, tmp_path):
     run_dir = _copy_inputs(prepared, tmp_path / "run")
     _train(run_dir, "train.deepspeed_config=configs/deepspeed/zero3.json", "train.max_steps=30")

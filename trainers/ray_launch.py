@@ -174,8 +174,11 @@ def run_training(cfg) -> dict:
     connect_ray(worker_env(t, repo))
     storage_uri = storage.join(train_dir, "ray")
     storage_path, storage_fs = ray_storage(storage_uri)
-    if not t.resume:  # a fresh run must not export an earlier run's best round
+    if not t.resume:
+        # A fresh run must not export an earlier run's best round, nor continue its checkpoints: Ray Train
+        # restores a run silently from the latest checkpoint under the same storage_path and name.
         storage.remove(storage.join(train_dir, "best"))
+        storage.remove(storage_uri)
     resume_from = None
     if t.resume:
         path = latest_checkpoint(storage_uri)
