@@ -232,7 +232,10 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         from tqdm import tqdm
 
-        progress = tqdm(total=tcfg.max_steps, initial=trainer_state["step"], desc="train", unit="step")
+        # Ray forwards every redraw of a worker's bar as a console line of its own (552 lines in make demo at
+        # tqdm's 0.1 s default): redraw at most every 15 s.
+        progress = tqdm(total=tcfg.max_steps, initial=trainer_state["step"], desc="train", unit="step",
+                        mininterval=15)
 
     window = {"loss": 0.0, "tokens": 0, "slots": 0, "time": 0.0, "steps": 0}
     task_window = np.zeros((len(tasks), 2))
