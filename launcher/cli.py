@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) < 2 or argv[0] not in commands or flags - FLAGS:
         print(USAGE.format(", ".join(commands)), file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Quiet by default: each stage prints its own start and summary lines; -v brings the INFO log back.
+    logging.basicConfig(level=logging.INFO if "-v" in flags else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if "-v" in flags:
         os.environ["RECLLM_RAY_VERBOSE"] = "1"  # read by data_pipeline.ray_session in this and every Ray process
     from launcher.config import load_config

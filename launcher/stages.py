@@ -187,5 +187,5 @@ STAGES: dict[str, Callable] = {"prepare": prepare, "train-baseline": train_basel
 
 def pipeline(cfg) -> None:
     for name in cfg.stages:
-        log.info("stage %s", name)
+        print(f"stage {name}", flush=True)
         STAGES[name](cfg)
