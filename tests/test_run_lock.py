@@ -99,20 +99,22 @@ def test_lock_is_released_when_the_stage_fails_and_the_pipeline_takes_it_once(ra
 
 
 def test_sigterm_releases_the_lock(raw, tmp_path):
-    run_dir = tmp_path / "run"
+    run_dir, stderr_file = tmp_path / "run", tmp_path / "stderr.txt"
     assert _prepare(raw, run_dir) == 0
     # A real writer that runs for a while: train-baseline training SASRec for many epochs.
     proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "train-baseline", CONFIG, f"run_dir={run_dir}",
                              "baseline.epochs=100000", "baseline.patience=100000"], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=stderr_file.open("w"))  # a file: a pipe nobody reads fills and blocks it
     try:
         deadline = time.monotonic() + 120
         while not (run_dir / ".lock").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            assert proc.poll() is None and time.monotonic() < deadline, stderr_file.read_text()[-2000:]
             time.sleep(0.2)
         assert json.loads((run_dir / ".lock").read_text())["stage"] == "train-baseline"
         time.sleep(1)
+        # Still training: a stage that failed by itself would exit while unwinding, not through SIGTERM.
+        assert proc.poll() is None, stderr_file.read_text()[-2000:]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 143
     finally:

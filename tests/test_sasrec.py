@@ -189,3 +189,11 @@ def test_metrics_logged_per_epoch(walk_dataset, tmp_path):
     losses = [r["sasrec/train_loss"] for r in records if "sasrec/train_loss" in r]
     assert losses == pytest.approx(result.losses)
     assert [r["step"] for r in records if "sasrec/valid_NDCG@10" in r] == [1, 2]
+
+
+def test_a_catalogue_smaller_than_the_largest_k_ranks_all_of_it(trained, walk_dataset):
+    # 24 items, K up to 50: the top-50 is the whole catalogue, so every target is a hit at 50 (and the
+    # model's own top-24 decides NDCG). It raised 'k=50 must be in [1, 24]' and train-baseline crashed.
+    metrics = evaluate_sasrec(trained.model, walk_dataset, "valid", exclude_seen=False, ks=(1, 10, 50))
+    assert metrics["HR@50"] == 1.0 and metrics["Coverage@50"] > 0
+    assert metrics["HR@1"] <= metrics["HR@10"] <= metrics["HR@50"] and metrics["NDCG@50"] >= metrics["NDCG@10"]

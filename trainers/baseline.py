@@ -83,10 +83,11 @@ def training_tensors(sequences: list[list[int]], max_len: int) -> tuple[torch.Te
 
 def evaluate_topk(model: SASRec, histories: Sequence[Sequence[int]], targets: np.ndarray, exclude_seen: bool,
                   ks: Sequence[int] = DEFAULT_KS, batch_size: int = 1024) -> dict[str, float]:
-    """Full-ranking HR@k / NDCG@k and catalogue coverage of the top-max(k) lists."""
+    """Full-ranking HR@k / NDCG@k and catalogue coverage of the top-max(k) lists. A catalogue smaller than a k
+    ranks all of it (every item is in the top-k, so HR@k counts any target)."""
     kmax = max(ks)
-    topk, _ = recommend_topk(model, histories, kmax, exclude_seen, batch_size)
-    topk = topk.numpy()
+    topk, _ = recommend_topk(model, histories, min(kmax, model.num_items), exclude_seen, batch_size)
+    topk = np.pad(topk.numpy(), ((0, 0), (0, kmax - topk.shape[1])), constant_values=-1)  # -1: no item
     metrics = ranking_metrics(topk, targets, ks)
     metrics[f"Coverage@{kmax}"] = catalogue_coverage(topk, model.num_items)
     return metrics
