@@ -213,9 +213,12 @@ def verify_files(folder: str, files: dict[str, dict], manifest: str, rebuild: st
             raise DataError(join(folder, rel), f"not listed in {manifest} (from another run?); {rebuild}")
 
 
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
+    return _protocol(fs) in ("file", "local")
 
 
 def is_local(uri: str) -> bool:
@@ -265,6 +268,14 @@ def _process_gone(pid: int) -> bool:
 
 MANIFEST_FILE = "manifest.json"
 """A staged folder's manifest: published last on an object store, so a reader that finds it finds every file."""
+KEPT_MARKER = "_KEPT"
+"""Written last into an object-store copy of a previous output taken before it is replaced: the copy is whole."""
+_IN_USE: set[str] = set()
+"""This process's hidden siblings still in use (its own, so the pid check cannot tell them from a failed one's)."""
+
+
+def _published_last(rel: str) -> bool:
+    return rel in (MANIFEST_FILE, "_SUCCESS")
 
 
 class StagedFolder:
@@ -283,7 +294,9 @@ class StagedFolder:
         parent, name = posixpath.split(self.final_path)
         self.parent, self.name = parent, name
         self.tmp_path = _sibling(parent, name, "tmp")
+        self.old_path: str | None = None
         self.files: dict[str, dict] = {}
+        _IN_USE.add(self.tmp_path)
 
     def _stale(self, path: str) -> bool:
         match = _SIBLING.search(posixpath.basename(path.rstrip("/")))
@@ -293,6 +306,8 @@ class StagedFolder:
         if pid is None:  # written before names carried their writer: no writer left to wait for
             return True
         if host == _HOST:
+            if int(pid) == os.getpid():  # this process's own: stale unless one of its folders still uses it
+                return path.rstrip("/") not in _IN_USE
             return _process_gone(int(pid))
         modified = self.fs.info(path).get("mtime")
         return modified is not None and time.time() - float(modified) > STALE_AFTER_S
@@ -303,14 +318,30 @@ class StagedFolder:
         found = self.fs.glob(posixpath.join(self.parent, f".{self.name}.{kind}-*"))
         return sorted(p for p in found if self._stale(p))
 
-    def clear_leftovers(self) -> None:
-        """Put back a complete previous output that a killed publish moved aside, and delete the temporaries
-        of writers that are gone."""
-        old = self._leftovers("old")
-        if old and not self.fs.exists(self.final_path):
-            self.fs.mv(old.pop(), self.final_path, recursive=True)
+    def clear_leftovers(self) -> bool:
+        """Put back a complete previous output that an interrupted publish moved aside (True if it did), and
+        delete the temporaries of writers that are gone."""
+        old, restored = self._leftovers("old"), False
+        if _is_local(self.fs):  # moved aside by rename: whole, and needed only when the final name is free
+            if old and not self.fs.exists(self.final_path):
+                self.fs.mv(old.pop(), self.final_path, recursive=True)
+                restored = True
+        else:  # copied aside: whole once its marker is there; then the final folder may be half replaced
+            kept = [p for p in old if self.fs.exists(posixpath.join(p, KEPT_MARKER))]
+            if kept:
+                self._restore_copy(kept[-1])
+                restored = True
         for path in old + self._leftovers("tmp"):
-            self.fs.rm(path, recursive=True)
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        return restored
+
+    def _restore_copy(self, old: str) -> None:
+        if self.fs.exists(self.final_path):
+            self.fs.rm(self.final_path, recursive=True)
+        rels = [posixpath.relpath(p, old) for p in self.fs.find(old)]
+        for rel in sorted((r for r in rels if r != KEPT_MARKER), key=_published_last):
+            self.fs.copy(posixpath.join(old, rel), posixpath.join(self.final_path, rel))
 
     def _consequence(self) -> str:
         return f"; nothing was published, {self.final} is as it was"
@@ -342,7 +373,10 @@ class StagedFolder:
         self.write_bytes(rel, parquet_bytes(table, row_group_size), rows=table.num_rows)
 
     def publish(self) -> None:
-        with writing(self.final, self._consequence()):
+        consequence = (self._consequence() if _is_local(self.fs) else
+                       f"; {self.final} may be half replaced, which readers refuse: the next writing stage in this "
+                       "run_dir puts the previous output back (kept whole in a hidden copy)")
+        with writing(self.final, consequence):
             if _is_local(self.fs):
                 self._publish_by_rename()
             else:
@@ -362,18 +396,30 @@ class StagedFolder:
 
     def _publish_by_copy(self) -> None:
         """Object stores have no rename: copy file by file, the marker readers wait for (manifest.json, or
-        _SUCCESS for the top-K cache) last."""
+        _SUCCESS for the top-K cache) last. The previous output is first copied aside whole (its own marker
+        last), so an outage or a kill while the final folder is half replaced loses nothing: readers refuse
+        the half (no marker), and the next writer in this run_dir puts the previous output back
+        (``restore_interrupted_publishes``)."""
+        old = None
         if self.fs.exists(self.final_path):
+            old = self.old_path = _sibling(self.parent, self.name, "old")
+            _IN_USE.add(old)
+            for rel in [posixpath.relpath(p, self.final_path) for p in self.fs.find(self.final_path)]:
+                self.fs.copy(posixpath.join(self.final_path, rel), posixpath.join(old, rel))
+            self.fs.pipe_file(posixpath.join(old, KEPT_MARKER), b"")
             self.fs.rm(self.final_path, recursive=True)
-        rels = sorted(self.files, key=lambda r: r in (MANIFEST_FILE, "_SUCCESS"))
-        for rel in rels:
+        for rel in sorted(self.files, key=_published_last):
             self.fs.copy(posixpath.join(self.tmp_path, rel), posixpath.join(self.final_path, rel))
+        if old is not None:
+            self.fs.rm(old, recursive=True)
+            _IN_USE.discard(old)
         self.fs.rm(self.tmp_path, recursive=True)
 
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             if self.fs.exists(self.tmp_path):
                 self.fs.rm(self.tmp_path, recursive=True)
+        _IN_USE.discard(self.tmp_path)
 
 
 @contextlib.contextmanager
@@ -381,10 +427,36 @@ def staged_folder(final: str) -> Iterator[StagedFolder]:
     """Write into a temporary folder; publish on success, delete on any error. A killed earlier writer's
     leftovers are tidied first."""
     staged = StagedFolder(final)
-    staged.clear_leftovers()
     try:
+        staged.clear_leftovers()
         yield staged
     except BaseException:
         staged.discard()
         raise
-    staged.publish()
+    try:
+        staged.publish()
+    finally:  # published, or left for the next writer to tidy: no longer this process's to keep
+        _IN_USE.difference_update({staged.tmp_path, staged.old_path})
+
+
+def restore_interrupted_publishes(run_dir: str, depth: int = 2) -> list[str]:
+    """Put back every output under ``run_dir`` (``depth`` folders deep) whose publish a kill or an outage
+    interrupted while it replaced the output, and tidy gone writers' temporaries; returns the outputs it
+    put back. A writing stage calls it under the run_dir lock, before it reads its inputs."""
+    fs, root = filesystem(run_dir)
+    if not fs.exists(root):
+        return []
+    outputs = set()
+    for level in range(depth):
+        for path in fs.glob(posixpath.join(root, *["*"] * level, ".*")):
+            name = posixpath.basename(path.rstrip("/"))
+            if _SIBLING.search(name):
+                outputs.add(posixpath.join(posixpath.dirname(path.rstrip("/")), _SIBLING.sub("", name)[1:]))
+    touched = []
+    for path in sorted(outputs):
+        uri = path if _is_local(fs) else f"{_protocol(fs)}://{path}"
+        folder = StagedFolder(uri)
+        _IN_USE.discard(folder.tmp_path)  # never written: only its leftovers are looked at
+        if folder.clear_leftovers():
+            touched.append(uri)
+    return touched

@@ -65,6 +65,11 @@ def _writer_lock(command: str, cfg, break_lock: bool):
         with run_dir_lock(cfg.run_dir, command, break_lock=break_lock, max_age_s=cfg.lock_max_age_hours * 3600):
             if main_thread:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a pending one exits here, unlocking
+            from data_pipeline import storage
+
+            for output in storage.restore_interrupted_publishes(cfg.run_dir):
+                print(f"recllm {command}: {output}: put back the previous output that an interrupted publish had "
+                      "half replaced", file=sys.stderr)
             yield
     finally:
         if main_thread:

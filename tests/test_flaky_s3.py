@@ -2,8 +2,9 @@
 
 - With 15% of requests failing (HTTP 500, 503 or a dropped connection, seeded), prepare, build-ids and
   build-samples on an s3:// run_dir succeed by retrying, and every object they write equals a fault-free run's.
-- When every request fails from a point inside a stage on (an outage), the stage exits 2 with one line, and
-  the previous complete output is as it was: nothing partial is visible.
+- When every request fails from a point inside a stage on (an outage), the stage exits 2 with one line. Before
+  the publish, the previous complete output is as it was; during it, readers refuse the half-replaced folder
+  and the next writing stage puts the previous output back from the whole copy taken first: nothing is lost.
 """
 
 from __future__ import annotations
@@ -162,15 +163,28 @@ def test_an_s3_outage_before_publishing_is_one_line_and_keeps_the_previous_outpu
     assert _visible(after) == _visible(before)
 
 
-@pytest.mark.xfail(strict=True, reason="object stores have no folder rename: publish-by-copy deletes the previous "
-                                       "output first, so an outage mid-publish leaves it partial (marker last, "
-                                       "so readers refuse it); not fixed yet")
-def test_an_s3_outage_mid_publish_keeps_the_previous_output(flaky_s3, capsys):
+def test_an_s3_outage_mid_publish_loses_nothing(flaky_s3, capsys):
+    """Object stores have no folder rename, so a publish replaces dataset/ file by file. An outage in the
+    middle leaves it half replaced; readers refuse the half (no manifest), the previous output is whole in a
+    hidden copy taken first, and the next writing stage in the run_dir puts it back before it reads it."""
+    import boto3
+
     proxy, direct = flaky_s3
     _run_stages("run")
-    def arm(proxy, log):  # the publish's first copy goes through, then the outage
+
+    def arm(proxy, log):  # the previous output is copied aside, the replacing begins, then the outage
         proxy.trip = ("/runs/run/dataset/", 2)
 
     before, after = _outage(proxy, direct, capsys, "prepare", "dataset", arm)
-    assert "dataset/manifest.json" not in after  # what readers check first: the partial folder is refused
-    assert _visible(after) == _visible(before)
+    assert "dataset/manifest.json" not in after  # what readers check first: the half-replaced folder is refused
+    kept = {k.split("/", 1)[1]: v for k, v in after.items() if k.startswith(".dataset.old-")}
+    assert kept.pop("_KEPT") == b""
+    assert kept == {k.split("/", 1)[1]: v for k, v in _visible(before).items() if k.startswith("dataset/")}
+    # the failed writer has exited; the next one breaks its lock, as --break-lock does once its pid is gone
+    boto3.client("s3", endpoint_url=direct).delete_object(Bucket="runs", Key="run/.lock")
+    assert stage("build-ids", "s3://runs/run", "seed=8") == 0  # reads dataset/: the previous one, put back
+    assert "put back the previous output" in capsys.readouterr().err
+    restored = _objects(direct, "run")
+    dataset = lambda objects: {k: v for k, v in _visible(objects).items() if k.startswith("dataset/")}  # noqa: E731
+    assert dataset(restored) == dataset(before)  # byte for byte (build-ids itself rewrote item_ids/)
+    assert not [key for key in restored if ".old-" in key or ".tmp-" in key]

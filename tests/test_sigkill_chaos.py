@@ -115,14 +115,23 @@ def _dead_pid() -> int:
 
 def test_the_next_writer_removes_only_a_dead_writers_temporaries(tmp_path):
     host = storage._HOST
-    dead = tmp_path / f".out.tmp-0badc0de-{_dead_pid()}@{host}"
-    live = tmp_path / f".out.tmp-0000beef-{os.getpid()}@{host}"
-    remote = tmp_path / ".out.tmp-12345678-1@another-host"  # its writer cannot be checked from here: kept
-    for folder in (dead, live, remote):
-        (folder / "part").mkdir(parents=True)
-    with storage.staged_folder(str(tmp_path / "out")) as staged:
-        staged.write_bytes("a.txt", b"new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, remote.name])
+    writer = subprocess.Popen(["sleep", "60"])  # another process, alive: its temporary is kept
+    try:
+        dead = tmp_path / f".out.tmp-0badc0de-{_dead_pid()}@{host}"
+        live = tmp_path / f".out.tmp-0000beef-{writer.pid}@{host}"
+        remote = tmp_path / ".out.tmp-12345678-1@another-host"  # its writer cannot be checked from here: kept
+        ours_failed = tmp_path / f".out.tmp-0000cafe-{os.getpid()}@{host}"  # this process's earlier failed one
+        for folder in (dead, live, remote, ours_failed):
+            (folder / "part").mkdir(parents=True)
+        with storage.staged_folder(str(tmp_path / "out")) as other:  # this process, writing out/ concurrently
+            other.write_bytes("a.txt", b"newer")
+            with storage.staged_folder(str(tmp_path / "out")) as staged:
+                staged.write_bytes("a.txt", b"new")
+            assert os.path.isfile(os.path.join(other.tmp_path, "a.txt"))  # in use here: not a failed one's
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, remote.name])
+        assert (tmp_path / "out" / "a.txt").read_bytes() == b"newer"
+    finally:
+        writer.kill()
 
 
 def test_a_previous_output_moved_aside_by_a_killed_publish_is_put_back(tmp_path):
