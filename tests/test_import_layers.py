@@ -35,6 +35,7 @@ LAYERS = {
     "data_pipeline": 3,
     "trainers.models": 4,
     "trainers.model_config": 4,
+    "trainers.safetensors_slices": 4,  # reads slices of a checkpoint file: pure torch, no DeepSpeed
     "trainers.lora_adapters": 4,
     "trainers.lm_text_embedder": 4,
     "trainers.sasrec": 4,

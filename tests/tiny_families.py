@@ -54,11 +54,11 @@ def random_family_model(family: str, vocab_size: int, seed: int, *, initializer_
     return model.eval()
 
 
-def save_tiny_checkpoint(family: str, folder: Path, seed: int = 0, hidden_size: int = 64) -> Path:
+def save_tiny_checkpoint(family: str, folder: Path, seed: int = 0, hidden_size: int = 64, **config_args) -> Path:
     """A Hugging Face folder (config.json, safetensors, the shipped tiny tokenizer) of a random ``family``
-    model over the tiny tokenizer's 4,096 tokens."""
+    model over the tiny tokenizer's 4,096 tokens; ``config_args`` (num_hidden_layers, ...) set a bigger shape."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(TINY_TOKENIZER_DIR))
-    model = random_family_model(family, len(tokenizer), seed, hidden_size=hidden_size,
+    model = random_family_model(family, len(tokenizer), seed, hidden_size=hidden_size, **config_args,
                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(folder)

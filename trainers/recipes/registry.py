@@ -42,12 +42,14 @@ class ObjectiveContext:
 @dataclass
 class BuiltModel:
     """What a recipe's ``build_model`` hands the loop: the module to wrap, its tokenizer, whether checkpoints keep
-    only the trainable parameters, and side data for ``build``."""
+    only the trainable parameters, side data for ``build``, and the host memory the build took (written to
+    train/memory/rank-N.json; None: not recorded)."""
 
     model: Any
     tokenizer: Any
     trainable_only: bool
     data: Any = None
+    host_memory: dict | None = None
 
 
 OBJECTIVES: dict[str, type] = {}
