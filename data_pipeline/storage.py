@@ -369,6 +369,14 @@ class StagedFolder:
             self.fs.put_file(local_path, full)
         self.files[rel] = {"sha256": digest.hexdigest(), "bytes": size}
 
+    def adopt(self, path: str) -> None:
+        """Publish a folder written elsewhere (``path``, on this folder's filesystem, e.g. infer's resumable
+        staging folder) instead of the temporary one: every file under it, as it is."""
+        _IN_USE.discard(self.tmp_path)
+        self.tmp_path = path.rstrip("/")
+        _IN_USE.add(self.tmp_path)
+        self.files = {posixpath.relpath(p, self.tmp_path): {} for p in self.fs.find(self.tmp_path)}
+
     def write_parquet(self, rel: str, table: pa.Table, row_group_size: int = 8192) -> None:
         self.write_bytes(rel, parquet_bytes(table, row_group_size), rows=table.num_rows)
 
@@ -381,6 +389,7 @@ class StagedFolder:
                 self._publish_by_rename()
             else:
                 self._publish_by_copy()
+        _IN_USE.discard(self.tmp_path)
 
     def _publish_by_rename(self) -> None:
         if not self.fs.exists(self.final_path):

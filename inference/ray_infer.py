@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import pickle
-import posixpath
 import time
 
 import numpy as np
@@ -211,7 +210,5 @@ def run_infer(cfg) -> dict:
 
 def publish_staged(publisher: storage.StagedFolder, stage_dir: str) -> None:
     """Swap the complete staging folder in as topk/ (one rename locally; on S3 a copy, `_SUCCESS` last)."""
-    fs, stage_path = storage.filesystem(stage_dir)
-    publisher.tmp_path = stage_path
-    publisher.files = {posixpath.relpath(p, stage_path): {} for p in fs.find(stage_path)}
+    publisher.adopt(storage.filesystem(stage_dir)[1])
     publisher.publish()
