@@ -38,7 +38,7 @@ RUNS = [
     ("cllm4rec", "CLLM4Rec with shared rows (no content twins)", "configs/cllm4rec_scientific.yaml",
      ["ids.content_tokens=false"], "build-ids"),
     ("cllm4rec", "CLLM4Rec without collab/content LMs (multinomial head only)", "configs/cllm4rec_scientific.yaml",
-     ["samples.tasks=[sequential]"], "build-samples"),
+     ["samples.tasks=[user_sequence]"], "build-samples"),
 ]
 STAGES = ["prepare", "train-baseline", "build-ids", "build-samples", "train", "infer", "evaluate"]
 SHARED = {"train": ["dataset", "baseline", "item_ids", "samples"], "build-samples": ["dataset", "baseline", "item_ids"],

@@ -44,17 +44,20 @@ def test_controlrec_recipe_trains_with_every_component(tmp_path, ray_local):
 
 def test_cllm4rec_recipe_trains_and_scores_with_the_multinomial_head(tmp_path, ray_local):
     config = str(REPO / "configs" / "cllm4rec_scientific.yaml")
-    args = [f"run_dir={tmp_path}", *SHORT, "eval.baseline=false", "infer.users_per_shard=100000"]
+    args = [f"run_dir={tmp_path}", *SHORT, "eval.baseline=false", "infer.users_per_shard=100000",
+            "model.new_token_init=mean", "train.eval_every=8", "train.eval_users=200"]  # no baseline to init from
     for stage in ("prepare", "build-ids", "build-samples", "train", "infer", "evaluate"):
         assert main([stage, config, *args]) == 0
     tokens = json.loads((tmp_path / "item_ids" / "tokens.json").read_text())
     assert "<text_item_0>" in tokens and "<text_user_0>" in tokens
     logs = _metrics(tmp_path)
-    for key in ("loss/sequential", "loss/collaborative_lm", "loss/content_lm", "objective/mutual_regularization"):
+    for key in ("loss/user_sequence", "loss/collaborative_lm", "loss/content_lm", "objective/mutual_regularization"):
         assert all(key in m for m in logs), key
     assert logs[-1]["loss/collaborative_lm"] < logs[0]["loss/collaborative_lm"]
     # Item-only softmax over 4,344 items starts near log(4344) = 8.38, far below a full-vocabulary loss.
-    assert logs[0]["loss/sequential"] < 8.5
+    assert logs[0]["loss/user_sequence"] < 8.5
+    # validated with the multinomial head on valid users, best round exported
+    assert json.loads((tmp_path / "model" / "recllm_model.json").read_text())["step"] in (8, 16)
     topk = pq.read_table(tmp_path / "topk").to_pylist()
     assert len(topk) == 8317 and all(len(r["item_ids"]) == 20 for r in topk)
     report = json.loads((tmp_path / "report" / "metrics.json").read_text())

@@ -250,6 +250,28 @@ def test_cllm4rec_objective_scores_only_labelled_positions_like_the_full_logits(
     assert reg.item() > 0  # <item_1..4> and <text_item_4> start from different noise
 
 
+def test_cllm4rec_multinomial_head_scores_every_item_of_a_user_sequence_over_the_item_tokens():
+    """Sequence-level CLLM4Rec: the user_sequence task's items are all targets of the multinomial head (a softmax
+    over the item tokens only), its closing EOS unscored, as the sequence objective scores them."""
+    import torch.nn.functional as F
+
+    from trainers.models import tiny
+    from trainers.recipes.config import CLLM4RecConfig
+    from trainers.recipes.objectives import CLLM4RecObjective
+
+    items = [f"<item_{i}>" for i in range(6)]
+    model, tok = tiny(items, seed=0)
+    batch = _packed(tok, [(0, "", "<item_1><item_4><item_2>")])
+    objective = CLLM4RecObjective(1, CLLM4RecConfig(mutual_regularization=0.0), ["user_sequence"], tok, items, items)
+    loss, per_task, _ = objective.loss(model, batch, 0, "cpu")
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits[0]
+    ids = tok.convert_tokens_to_ids(items)
+    row = batch.input_ids[0].tolist()
+    targets = [p for p in range(1, len(row)) if row[p] in ids]  # positions holding an item token
+    by_hand = torch.stack([-F.log_softmax(logits[p - 1, ids], -1)[ids.index(row[p])] for p in targets]).mean()
+    assert per_task[0, 1] == 3 and loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
 def test_controlrec_objective_adds_both_contrastive_terms_with_the_schedule():
     from trainers.models import tiny
     from trainers.recipes.config import ControlRecConfig

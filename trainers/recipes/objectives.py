@@ -224,7 +224,7 @@ class CLLM4RecObjective(SFTObjective):
         base_ids = torch.tensor([i for i in range(vocab) if i not in new_ids], dtype=torch.long)
         self.restrictions: dict[int, torch.Tensor] = {}
         for t, name in enumerate(tasks):
-            if name == "sequential" and cfg.multinomial_head:
+            if name in ("sequential", "user_sequence") and cfg.multinomial_head:  # one answer, or every item
                 self.restrictions[t] = item_ids
             elif name == "collaborative_lm" and cfg.collaborative_restricted:
                 self.restrictions[t] = item_ids
