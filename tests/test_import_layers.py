@@ -36,6 +36,7 @@ LAYERS = {
     "trainers.models": 4,
     "trainers.model_config": 4,
     "trainers.safetensors_slices": 4,  # reads slices of a checkpoint file: pure torch, no DeepSpeed
+    "trainers.vocabulary": 4,  # ID tokens into a model's vocabulary and their rows
     "trainers.lora_adapters": 4,
     "trainers.lm_text_embedder": 4,
     "trainers.sasrec": 4,
