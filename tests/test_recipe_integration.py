@@ -83,7 +83,6 @@ class MeanSquaredLogitObjective:
 
     def loss(self, model, batch, step, device):
         import numpy as np
-        import torch
 
         out = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False)
         mask = (batch.labels.to(device) != -100).unsqueeze(-1)
