@@ -296,7 +296,6 @@ class StagedFolder:
         self.tmp_path = _sibling(parent, name, "tmp")
         self.old_path: str | None = None
         self.files: dict[str, dict] = {}
-        _IN_USE.add(self.tmp_path)
 
     def _stale(self, path: str) -> bool:
         match = _SIBLING.search(posixpath.basename(path.rstrip("/")))
@@ -372,9 +371,7 @@ class StagedFolder:
     def adopt(self, path: str) -> None:
         """Publish a folder written elsewhere (``path``, on this folder's filesystem, e.g. infer's resumable
         staging folder) instead of the temporary one: every file under it, as it is."""
-        _IN_USE.discard(self.tmp_path)
         self.tmp_path = path.rstrip("/")
-        _IN_USE.add(self.tmp_path)
         self.files = {posixpath.relpath(p, self.tmp_path): {} for p in self.fs.find(self.tmp_path)}
 
     def write_parquet(self, rel: str, table: pa.Table, row_group_size: int = 8192) -> None:
@@ -384,12 +381,14 @@ class StagedFolder:
         consequence = (self._consequence() if _is_local(self.fs) else
                        f"; {self.final} may be half replaced, which readers refuse: the next writing stage in this "
                        "run_dir puts the previous output back (kept whole in a hidden copy)")
-        with writing(self.final, consequence):
-            if _is_local(self.fs):
-                self._publish_by_rename()
-            else:
-                self._publish_by_copy()
-        _IN_USE.discard(self.tmp_path)
+        try:
+            with writing(self.final, consequence):
+                if _is_local(self.fs):
+                    self._publish_by_rename()
+                else:
+                    self._publish_by_copy()
+        finally:  # removed, or left for the next writer to put back: no longer this process's to keep
+            _IN_USE.discard(self.old_path)
 
     def _publish_by_rename(self) -> None:
         if not self.fs.exists(self.final_path):
@@ -421,14 +420,12 @@ class StagedFolder:
             self.fs.copy(posixpath.join(self.tmp_path, rel), posixpath.join(self.final_path, rel))
         if old is not None:
             self.fs.rm(old, recursive=True)
-            _IN_USE.discard(old)
         self.fs.rm(self.tmp_path, recursive=True)
 
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             if self.fs.exists(self.tmp_path):
                 self.fs.rm(self.tmp_path, recursive=True)
-        _IN_USE.discard(self.tmp_path)
 
 
 @contextlib.contextmanager
@@ -436,16 +433,17 @@ def staged_folder(final: str) -> Iterator[StagedFolder]:
     """Write into a temporary folder; publish on success, delete on any error. A killed earlier writer's
     leftovers are tidied first."""
     staged = StagedFolder(final)
+    _IN_USE.add(staged.tmp_path)
     try:
         staged.clear_leftovers()
-        yield staged
-    except BaseException:
-        staged.discard()
-        raise
-    try:
+        try:
+            yield staged
+        except BaseException:
+            staged.discard()
+            raise
         staged.publish()
     finally:  # published, or left for the next writer to tidy: no longer this process's to keep
-        _IN_USE.difference_update({staged.tmp_path, staged.old_path})
+        _IN_USE.discard(staged.tmp_path)
 
 
 def restore_interrupted_publishes(run_dir: str, depth: int = 2) -> list[str]:
@@ -464,8 +462,6 @@ def restore_interrupted_publishes(run_dir: str, depth: int = 2) -> list[str]:
     touched = []
     for path in sorted(outputs):
         uri = path if _is_local(fs) else f"{_protocol(fs)}://{path}"
-        folder = StagedFolder(uri)
-        _IN_USE.discard(folder.tmp_path)  # never written: only its leftovers are looked at
-        if folder.clear_leftovers():
+        if StagedFolder(uri).clear_leftovers():
             touched.append(uri)
     return touched
