@@ -95,13 +95,26 @@ def _new_token_count(cfg) -> tuple[int, str]:
 
 
 def plan(cfg) -> None:
-    from trainers.memory_plan import check_plan, plan_memory
+    """The packed language-model run's plan, or, for an objective with a ``memory_workloads`` hook (LoID), the
+    plan of each run it trains: the largest is shown and checked."""
+    from trainers.memory_plan import GIB, check_plan, plan_memory
+    from trainers.recipes.registry import objective_class
 
-    count, source = _new_token_count(cfg)
-    result = plan_memory(cfg, count)
-    print(f"config valid; new tokens: {count:,} ({source})")
-    print(result.table())
-    check_plan(result, cfg)
+    describe = getattr(objective_class(cfg.train.objective), "memory_workloads", None)
+    if describe is None:
+        count, source = _new_token_count(cfg)
+        plans, sources = [plan_memory(cfg, count)], f"new tokens: {count:,} ({source})"
+    else:
+        workloads = describe(cfg)
+        plans = [plan_memory(cfg, 0, workload=w) for w in workloads]
+        sources = "; ".join([f"new tokens: {plans[0].new_tokens:,}", *dict.fromkeys(w.note for w in workloads)])
+    largest = max(plans, key=lambda p: p.total)
+    print(f"config valid; {sources}")
+    if len(plans) > 1:
+        print(f"{len(plans)} {largest.workload.recipe} runs, per GPU: " +
+              ", ".join(f"{p.workload.run} {p.total / GIB:.2f} GiB" for p in plans) + "; the largest:")
+    print(largest.table())
+    check_plan(largest, cfg)
 
 
 def infer(cfg) -> None:

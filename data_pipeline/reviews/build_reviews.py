@@ -115,8 +115,8 @@ def run_build_reviews(cfg: ReviewsConfig, run_dir: str) -> dict:
     return {domain: b[4] for domain, b in built.items()}
 
 
-def read_reviews(run_dir: str, domain: str) -> pa.Table:
+def read_reviews(run_dir: str, domain: str, columns: list[str] | None = None) -> pa.Table:
     uri = storage.join(domain_dir(run_dir, domain), "reviews", "reviews.parquet")
     if not storage.exists(uri):
         raise DataError(uri, "not found; run `recllm build-reviews` first")
-    return storage.read_parquet(uri)
+    return storage.read_parquet(uri, columns)

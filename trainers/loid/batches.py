@@ -10,8 +10,15 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from data_pipeline.samples.prompt_format import pad_token_id
+
+
+def id_rows(table: pa.Table) -> tuple[int, int]:
+    """(users, items): the rows of a domain's user and item ID embeddings, one per dense id up to the largest
+    in its reviews (a table of the user_id and item_id columns is enough)."""
+    return int(pc.max(table.column("user_id")).as_py()) + 1, int(pc.max(table.column("item_id")).as_py()) + 1
 
 
 @dataclass
@@ -62,8 +69,7 @@ class DomainReviews:
         self.tokens = [ids[:review_tokens] or [tokenizer.eos_token_id]
                        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         self.pad_id = pad_token_id(tokenizer)
-        self.num_users = int(self.user_ids.max()) + 1
-        self.num_items = int(self.item_ids.max()) + 1
+        self.num_users, self.num_items = id_rows(table)
 
     def rows(self, split: str) -> np.ndarray:
         return np.nonzero(self.split == split)[0]

@@ -1,9 +1,9 @@
 """LoID as a registered objective (``train.objective=loid``): the shared Ray Train loop trains one planned run
 (a source domain's plugin, or a target variant) with checkpoints, resume and GPUs like any recipe. Its hooks
 supply what is not a packed LM: the LoIDRegressor (frozen base + frozen source plugins + a trainable domain
-LoRA), the domain's review batches, valid MSE after every epoch (the best epoch is exported), and the export:
-run_dir/loid/<run>/{plugin/<domain>/ (peft), domain_state.safetensors, run.json}, training state in train/.
-Pure torch/peft: no Ray, no DeepSpeed.
+LoRA), the domain's review batches, valid MSE after every epoch (the best epoch is exported), the export:
+run_dir/loid/<run>/{plugin/<domain>/ (peft), domain_state.safetensors, run.json}, training state in train/, and
+the workload `recllm plan` sizes (no new tokens, no logits). Pure torch/peft: no Ray, no DeepSpeed.
 """
 
 from __future__ import annotations
@@ -117,6 +117,50 @@ def _zero_stage(path: str) -> int:
     return int(json.loads(p.read_text()).get("zero_optimization", {}).get("stage", 0))
 
 
+def memory_workload(cfg, run: dict, ids: tuple[int, int], ids_note: str, hidden: int, prompt_tokens: int):
+    """What one step of ``run`` holds, for `recllm plan`: the LM body runs (no lm_head, no logits) over the
+    batch's unique history reviews (k per user and k per item at most: the bound, where none is shared) and over
+    the rating prompts [user ID, item ID, two attention reads, PROMPT]; trainable are the run's LoRA, the
+    domain's ID embeddings, the key/value projections and the head (model.py); the source plugins ride along
+    frozen. Returns a ``memory_plan.Workload``."""
+    from trainers.loid.plugins import lora_config
+    from trainers.memory_plan import Workload
+
+    c, b, k = cfg.loid, cfg.train.micro_batch_size, cfg.reviews.k
+    users, items = ids
+    hints = [f"train.micro_batch_size={max(2, b // 2)}"] if b > 2 else []
+    hints += [f"loid.review_tokens={c.review_tokens // 2}"] if c.review_tokens > 1 else []
+    hints += [f"reviews.k={k // 2}"] if k > 1 else []
+    return Workload(
+        recipe="LoID", run=run["name"],
+        tokens_per_micro_batch=b * 2 * k * c.review_tokens + b * (4 + prompt_tokens),
+        lora_r=c.lora_r, lora_target_modules=list(c.lora_target_modules),
+        added={f"user + item ID embeddings, {users:,} + {items:,} rows": (users + items) * hidden,
+               "key/value projections": 2 * hidden * hidden, "rating head": hidden + 1},
+        frozen_adapters=len(run["sources"]),
+        lora_input_copies=lora_config(c.lora_r, c.lora_alpha, c.lora_target_modules).lora_dropout > 0,
+        gradient_checkpointing=False,  # build_model below never turns it on
+        note=ids_note, hints=hints)
+
+
+def _domain_ids(cfg, domain: str) -> tuple[tuple[int, int], str]:
+    """(users, items) of ``domain``'s ID embeddings, from its build-reviews output, and where they came from:
+    (0, 0) before build-reviews, or where run_dir is out of reach (the dry run needs no credentials)."""
+    from data_pipeline.errors import DataError
+    from data_pipeline.reviews.build_reviews import read_reviews
+    from trainers.loid.batches import id_rows
+
+    try:
+        users, items = id_rows(read_reviews(cfg.run_dir, domain, ["user_id", "item_id"]))
+    except DataError:
+        return (0, 0), f"{domain}: users and items unknown until `recllm build-reviews` (0 assumed)"
+    except Exception as exc:  # noqa: BLE001 - botocore, fsspec and OS errors alike mean "cannot tell"
+        log.warning("plan: cannot read the reviews of %s (%s); planning without their IDs", domain,
+                    type(exc).__name__)
+        return (0, 0), f"{domain}: reviews unreadable ({type(exc).__name__}), users and items 0 assumed"
+    return (users, items), f"{domain}: {users:,} users + {items:,} items (build-reviews)"
+
+
 @register_objective("loid")
 class LoIDObjective:
     """L = L_rec + lambda * L_cl on one domain's reviews (model.py); the best epoch by valid MSE is exported."""
@@ -148,6 +192,20 @@ class LoIDObjective:
             problems.append(f"train.deepspeed_config: {root.train.deepspeed_config} is ZeRO-3; LoID runs use "
                             f"ZeRO-0/1/2")
         return problems
+
+    @classmethod
+    def memory_workloads(cls, cfg) -> list:
+        """`recllm plan`: one Workload per run this config trains (``loid.run``, else every planned run)."""
+        from trainers.loid.model import PROMPT
+        from trainers.memory_plan import model_shape
+        from trainers.models import load_tokenizer
+
+        runs = [run_spec(cfg)] if cfg.loid.run else planned_runs(cfg)
+        hidden = model_shape(cfg.model)[1].hidden_size
+        tokenizer = load_tokenizer(cfg.model)  # None: a LLaMA-2 size without checkpoint, 1 token a char at most
+        prompt = len(tokenizer(PROMPT, add_special_tokens=False)["input_ids"]) if tokenizer else len(PROMPT)
+        ids = {d: _domain_ids(cfg, d) for d in dict.fromkeys(r["domain"] for r in runs)}
+        return [memory_workload(cfg, run, *ids[run["domain"]], hidden, prompt) for run in runs]
 
     @classmethod
     def inputs(cls, cfg) -> dict:

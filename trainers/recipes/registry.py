@@ -9,6 +9,7 @@ Optional hooks, for a recipe that is not a packed language-model loss (LoID): on
 ``build_model(cfg, inputs) -> BuiltModel`` (worker); on the instance, ``batches(rank, world)`` (a resumable feed:
 ``next_batch``, ``epoch``, ``state_dict``/``load_state_dict``), ``validate(model, step, feed, final)`` and
 ``finish(model)``. ``ray_launch``/``ray_worker`` fall back to the language-model defaults where one is absent.
+For `recllm plan`, ``memory_workloads(cfg) -> list[memory_plan.Workload]`` on the class sizes each run it trains.
 """
 
 from __future__ import annotations
