@@ -34,7 +34,10 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data_pipeline.run_layout import RunLayout  # noqa: E402
+from inference.topk_shards import SUCCESS  # noqa: E402
 from launcher.cli import main  # noqa: E402
+from trainers.export_model import MODEL_INFO  # noqa: E402
 
 CONFIG = REPO / "configs" / "alignment_sft.yaml"
 
@@ -60,11 +63,13 @@ def export_untrained_model(run_dir: Path) -> None:
     from trainers.models import build_model
 
     cfg = load_config(str(CONFIG), [f"run_dir={run_dir}"])
-    tokens = json.loads((run_dir / "item_ids" / "tokens.json").read_text())
+    layout = RunLayout(str(run_dir))
+    tokens = layout.read_new_tokens()
     model, tokenizer = build_model(cfg.model, tokens, seed=1)
-    model.save_pretrained(run_dir / "model")
-    tokenizer.save_pretrained(run_dir / "model")
-    (run_dir / "model" / "recllm_model.json").write_text(json.dumps({"step": 0}))
+    model_dir = Path(layout.model)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (model_dir / MODEL_INFO).write_text(json.dumps({"step": 0}))
 
 
 class JobMemory:
@@ -197,7 +202,8 @@ def main_bench(argv: list[str] | None = None) -> int:
             export_untrained_model(run_dir)
             (work / "setup.json").write_text(json.dumps(stamp))
             print(f"setup: {time.perf_counter() - t0:.0f}s")
-        shutil.rmtree(run_dir / "topk", ignore_errors=True)  # score everyone: nothing to reuse
+        layout = RunLayout(str(run_dir))
+        shutil.rmtree(layout.topk, ignore_errors=True)  # score everyone: nothing to reuse
 
         overrides = [*common, "infer.mode=nightly", "infer.scorer=multinomial", f"infer.top_k={args.top_k}",
                      f"infer.batch_size={args.batch_size}", f"infer.users_per_shard={args.users_per_shard}",
@@ -208,9 +214,9 @@ def main_bench(argv: list[str] | None = None) -> int:
             print(f"recllm infer failed (exit {rc}); log: {work / 'infer.log'}", file=sys.stderr)
             return 1
 
-        user_ids = pq.read_table(run_dir / "topk", columns=["user_id"]).column("user_id").to_numpy()
-        expected = json.loads((run_dir / "dataset" / "manifest.json").read_text())["counts"]["users"]
-        summary = json.loads((run_dir / "topk" / "_SUCCESS").read_text())
+        user_ids = pq.read_table(layout.topk, columns=["user_id"]).column("user_id").to_numpy()
+        expected = layout.read_manifest()["counts"]["users"]
+        summary = json.loads((Path(layout.topk) / SUCCESS).read_text())
         rows_ok = len(user_ids) == expected == len(np.unique(user_ids))
         gb = 1e9
         print(f"\nrecllm infer, {expected:,} users, multinomial, top-{args.top_k}, {args.replicas} replicas x "

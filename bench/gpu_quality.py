@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data_pipeline import storage  # noqa: E402
+from data_pipeline.run_layout import RunLayout  # noqa: E402
 from data_pipeline.samples.prompt_format import pad_token_id  # noqa: E402
 from data_pipeline.streaming_reader import ShardedParquetStream  # noqa: E402
 from inference.evaluate import most_popular, recllm_metrics  # noqa: E402
@@ -82,7 +83,7 @@ def train_variant(cfg, device: str, budget_s: float, log) -> tuple[torch.nn.Modu
     objective = objective_class(tcfg.objective).build(ObjectiveContext(
         tcfg, inputs["tasks"], tokenizer, inputs["new_tokens"], run_dir, cfg.seed, 0,
         getattr(model.config, "_attn_implementation", "sdpa")))
-    stream = ShardedParquetStream(storage.join(run_dir, "samples", "train"), 0, 1, batch_size=64, seed=cfg.seed,
+    stream = ShardedParquetStream(RunLayout(run_dir).samples_split("train"), 0, 1, batch_size=64, seed=cfg.seed,
                                   columns=SAMPLE_COLUMNS,
                                   transform=tokenizing_transform(tokenizer, inputs["tasks"], tcfg.seq_len),
                                   use_ray=False)
@@ -143,7 +144,7 @@ def train_variant(cfg, device: str, budget_s: float, log) -> tuple[torch.nn.Modu
 
 def test_rows(run_dir: str, limit: int = 0):
     """(users, histories, targets) of the test split; the first ``limit`` users only when set (smoke runs)."""
-    test = storage.read_parquet(storage.join(run_dir, "dataset", "sequences", "test")).sort_by("user_id")
+    test = RunLayout(run_dir).read_sequences("test").sort_by("user_id")
     if limit:
         test = test.slice(0, limit)
     return test.column("user_id").to_numpy(), test.column("history").to_pylist(), test.column("target").to_numpy()
@@ -152,7 +153,7 @@ def test_rows(run_dir: str, limit: int = 0):
 @torch.no_grad()
 def score_test(cfg, model, tokenizer, prompt_format, device: str, limit: int = 0) -> dict:
     run_dir = storage.absolute(cfg.run_dir)
-    counts = json.loads(storage.read_text(storage.join(run_dir, "dataset", "manifest.json")))["counts"]
+    counts = RunLayout(run_dir).read_manifest()["counts"]
     users, histories, targets = test_rows(run_dir, limit)
     icfg = dataclasses.replace(cfg.infer, top_k=max(KS), num_beams=max(cfg.infer.num_beams, max(KS)))
     scorer = TopKScorer(run_dir, model, tokenizer, prompt_format, icfg, counts["items"], counts["users"], device)
@@ -172,10 +173,10 @@ def baselines(run_dir: str, cfg, device: str, smoke: bool) -> dict:
     from trainers.baseline import train_sasrec
     from trainers.sasrec import recommend_topk
 
-    dataset = storage.join(run_dir, "dataset")
-    counts = json.loads(storage.read_text(storage.join(dataset, "manifest.json")))["counts"]
+    layout = RunLayout(run_dir)
+    dataset, counts = layout.dataset, layout.read_manifest()["counts"]
     _, histories, targets = test_rows(run_dir, 64 if smoke else 0)
-    popular = most_popular(storage.read_parquet(storage.join(dataset, "sequences", "train")), max(KS))
+    popular = most_popular(layout.read_sequences("train"), max(KS))
     out = {"popular": recllm_metrics(np.tile(popular, (len(targets), 1)), targets, counts["items"], list(KS))}
     scfg = dataclasses.replace(cfg.baseline, device=device, **({"epochs": 1} if smoke else {}))
     t0 = time.perf_counter()

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipeline import storage  # noqa: E402
 from data_pipeline.canonical import SEQUENCE_SCHEMA  # noqa: E402
+from data_pipeline.run_layout import sequences_dir  # noqa: E402
 from data_pipeline.sharding import user_shard  # noqa: E402
 from data_pipeline.streaming_reader import ShardedParquetStream  # noqa: E402
 
@@ -75,7 +76,7 @@ def main() -> None:
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = os.path.join(tmp, "sequences", "train")
+        folder = sequences_dir(tmp, "train")  # tmp plays a run's dataset/
         write_synthetic(folder, args.rows, 4, args.row_group_size)
         stream(folder, args.batch_size, True)  # warm the Ray Data workers once
         results = {}

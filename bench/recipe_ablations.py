@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_pipeline.run_layout import RunLayout  # noqa: E402
 
 # name, config, overrides, folders copied from the recipe's first run, stages run
 RUNS = [
@@ -43,6 +46,7 @@ RUNS = [
 STAGES = ["prepare", "train-baseline", "build-ids", "build-samples", "train", "infer", "evaluate"]
 SHARED = {"train": ["dataset", "baseline", "item_ids", "samples"], "build-samples": ["dataset", "baseline", "item_ids"],
           "build-ids": ["dataset", "baseline"]}
+"""The RunLayout folders a run that starts at that stage copies from the recipe's first run."""
 
 
 def run(config: str, run_dir: Path, overrides: list[str], start: str | None, first: Path | None) -> float:
@@ -51,9 +55,10 @@ def run(config: str, run_dir: Path, overrides: list[str], start: str | None, fir
     run_dir.mkdir(parents=True)
     stages = STAGES
     if start and first:
+        src, dst = RunLayout(str(first)), RunLayout(str(run_dir))
         for folder in SHARED[start]:
-            if (first / folder).exists():
-                shutil.copytree(first / folder, run_dir / folder)
+            if Path(getattr(src, folder)).exists():
+                shutil.copytree(getattr(src, folder), getattr(dst, folder))
         stages = STAGES[STAGES.index(start):]
     cmd = [sys.executable, "-m", "launcher.cli", "pipeline", config, f"run_dir={run_dir}",
            f"stages=[{','.join(stages)}]", *overrides]
@@ -77,7 +82,7 @@ def main() -> None:
         run_dir = out / f"{n:02d}_{recipe}"
         seconds = run(config, run_dir, [*args.overrides, *overrides], start, firsts.get(recipe))
         firsts.setdefault(recipe, run_dir)
-        report = json.loads((run_dir / "report" / "metrics.json").read_text())
+        report = json.loads((Path(RunLayout(str(run_dir)).report()) / "metrics.json").read_text())
         rows.append((label, report["models"], seconds))
         print(f"{label}: HR@10 {report['models']['recllm']['HR@10']:.4f} ({seconds:.0f} s)", flush=True)
     lines = ["| run | HR@5 | HR@10 | NDCG@10 | HR@20 | NDCG@20 | coverage@20 | wall s |", "|---|---|---|---|---|---|---|---|"]

@@ -16,7 +16,6 @@ with each other, and confirm a winner with a real pipeline run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data_pipeline import storage  # noqa: E402
+from data_pipeline.run_layout import RunLayout  # noqa: E402
 from data_pipeline.samples.prompt_format import PromptFormat  # noqa: E402
 from inference.config import InferConfig  # noqa: E402
 from launcher.config import load_config  # noqa: E402
@@ -60,15 +60,16 @@ def main() -> None:
     rng = np.random.default_rng(a.seed)
     run = storage.absolute(a.run_dir)
     cfg = load_config(str(CONFIG), [f"run_dir={run}", f"seed={a.seed}"])
-    new_tokens = storage.read_json(storage.join(run, "item_ids", "tokens.json"))
+    layout = RunLayout(run)
+    new_tokens = layout.read_new_tokens()
     model, tok = tiny(new_tokens, hidden_size=a.hidden, num_layers=a.layers, num_heads=4, num_kv_heads=4,
                       intermediate_size=4 * a.hidden, attention_dropout=a.dropout, new_token_init="collab",
                       token_vectors=collaborative_vectors(cfg, run, new_tokens), new_token_noise=1.0, seed=a.seed)
-    codes = storage.read_parquet(storage.join(run, "item_ids", "item_codes.parquet")).sort_by("item_id")
+    codes = layout.read_item_codes().sort_by("item_id")
     item_tokens = [tok.convert_tokens_to_ids(t) for t in codes.column("tokens").to_pylist()]
     group_of, groups = token_groups(tok, codes.column("tokens").to_pylist(), len(tok))
-    counts = json.loads(storage.read_text(storage.join(run, "dataset", "manifest.json")))["counts"]
-    valid = storage.read_parquet(storage.join(run, "dataset", "sequences", "valid")).sort_by("user_id")
+    counts = layout.read_manifest()["counts"]
+    valid = layout.read_sequences("valid").sort_by("user_id")
     train = valid.column("history").to_pylist()  # a user's train sequence is its valid history
     rows = valid_sample(valid.num_rows, a.valid_users, a.seed)
     users, targets = valid.column("user_id").to_numpy()[rows], valid.column("target").to_numpy()[rows]

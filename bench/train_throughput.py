@@ -30,12 +30,13 @@ def prepare_run(run_dir: Path, overrides: list[str]) -> None:
 
 
 def ours(run_dir: Path, overrides: list[str]) -> dict:
+    from data_pipeline.run_layout import RunLayout
     from launcher.config import load_config
     from trainers.ray_launch import run_training
 
     cfg = load_config(str(REPO / "configs" / "alignment_sft.yaml"), [f"run_dir={run_dir}", *overrides])
     run_training(cfg)
-    rows = [json.loads(line) for line in (run_dir / "train" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in Path(RunLayout(str(run_dir)).train_metrics).read_text().splitlines()]
     steady = rows[1:]  # the first window includes start-up (Ray Data, DeepSpeed init)
     return {"tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
             "packing_efficiency": sum(r["packing_efficiency"] for r in steady) / len(steady)}
@@ -46,14 +47,16 @@ def hf_trainer(run_dir: Path, overrides: list[str], tokens_per_step: float, step
     import torch
     from transformers import Trainer, TrainingArguments
 
+    from data_pipeline.run_layout import RunLayout
     from launcher.config import load_config
     from trainers.models import build_model
     from trainers.packing import IGNORE, tokenize_sample
 
     cfg = load_config(str(REPO / "configs" / "alignment_sft.yaml"), [f"run_dir={run_dir}", *overrides])
-    new_tokens = json.loads((run_dir / "item_ids" / "tokens.json").read_text())
+    layout = RunLayout(str(run_dir))
+    new_tokens = layout.read_new_tokens()
     model, tokenizer = build_model(cfg.model, new_tokens, seed=cfg.seed)
-    table = pq.read_table(run_dir / "samples" / "train", columns=["prompt", "response"])
+    table = pq.read_table(layout.samples_split("train"), columns=["prompt", "response"])
     probe = [tokenize_sample(tokenizer, p, r, cfg.train.seq_len)
              for p, r in zip(table.column("prompt").to_pylist()[:500], table.column("response").to_pylist()[:500])]
     mean_len = sum(len(ids) for ids, _ in probe) / len(probe)
