@@ -41,10 +41,6 @@ class DataConfig:
 
     def check(self) -> list[str]:
         problems = choice("format", self.format, FORMATS) + choice("split", self.split, SPLITS)
-        if not self.path:
-            problems.append("path: empty; give the folder with the raw data (local or s3://)")
-        if self.format in ("lcrec", "minionerec") and not self.name:
-            problems.append(f"name: empty; format {self.format} needs the file stem (e.g. Scientific)")
         if not 0 < self.valid_time_quantile < self.test_time_quantile < 1:
             problems.append(f"valid_time_quantile/test_time_quantile: {self.valid_time_quantile}, "
                             f"{self.test_time_quantile}; expected 0 < valid < test < 1")
@@ -53,4 +49,14 @@ class DataConfig:
         for name in ("min_user_interactions", "min_item_interactions", "num_shards", "row_group_size",
                      "max_history"):
             problems += positive(name, getattr(self, name))
+        return problems
+
+    def source_problems(self) -> list[str]:
+        """What `recllm prepare` needs and the other stages do not read: a config without prepare (the review
+        flows, which name their domains under ``reviews:``) may leave ``data:`` out."""
+        problems = []
+        if not self.path:
+            problems.append("data.path: empty; give the folder with the raw data (local or s3://)")
+        if self.format in ("lcrec", "minionerec") and not self.name:
+            problems.append(f"data.name: empty; format {self.format} needs the file stem (e.g. Scientific)")
         return problems

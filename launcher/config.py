@@ -28,7 +28,7 @@ class RecllmConfig:
     lock_max_age_hours: float = 24.0
     """--break-lock breaks a run_dir/.lock this old even when its process may still run (on another host)."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Raw data and the split (stage: prepare)."""
+    """Raw data and the split (stage: prepare; a config whose stages do not list prepare may leave it out)."""
     baseline: SASRecConfig = field(default_factory=SASRecConfig)
     """The run's one SASRec: semantic IDs code its item embeddings, evaluate ranks with it (stage: train-baseline)."""
     ids: IdsConfig = field(default_factory=IdsConfig)
@@ -57,6 +57,8 @@ class RecllmConfig:
 
         unknown = [s for s in self.stages if s not in STAGES]
         problems = [f"stages: {unknown} not among {list(STAGES)}"] if unknown else []
+        if "prepare" in self.stages:
+            problems += self.data.source_problems()
         objective_class("sft")  # loads the shipped recipes into the registry
         if self.train.objective in OBJECTIVES:  # an unknown name is reported by train.check
             problems += OBJECTIVES[self.train.objective].check(self)

@@ -9,8 +9,11 @@ log = logging.getLogger("recllm")
 
 
 def prepare(cfg) -> None:
+    from data_pipeline.config_schema import ConfigError
     from data_pipeline.prepare import run_prepare
 
+    if cfg.data.source_problems():  # `recllm prepare` on a config whose stages do not list it
+        raise ConfigError(cfg.data.source_problems())
     manifest = run_prepare(cfg.data, cfg.run_dir)
     c = manifest["counts"]
     print(f"dataset: {c['users']} users, {c['items']} items, {c['interactions']} interactions; "

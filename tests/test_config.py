@@ -76,6 +76,7 @@ def test_every_field_of_every_section_has_a_docstring():
     (["stages=[train-baseline,prepare]"], "stages: train-baseline before prepare trains on the previous dataset/"),
     (["stages=[prepare,build-ids,build-samples,train]", "model.new_token_init=collab"],
      "stages: train (model.new_token_init=collab) reads run_dir/baseline/ after prepare writes a new dataset/"),
+    (["data.path="], "data.path: empty; give the folder with the raw data"),
 ])
 def test_plan_exits_2_on_each_cross_section_rule(overrides, needle, capsys):
     """Rules spanning sections are checked when the config loads, so `recllm plan` rejects them before Ray starts."""
@@ -84,6 +85,20 @@ def test_plan_exits_2_on_each_cross_section_rule(overrides, needle, capsys):
     assert main(["plan", str(REPO / "configs" / "demo.yaml"), *overrides]) == 2
     err = capsys.readouterr().err
     assert needle in err, err
+
+
+@pytest.mark.parametrize("config", ["loid_reviews.yaml", "controlrec_tasks.yaml"])
+def test_review_flows_need_no_data_section_but_prepare_does(config, tmp_path, capsys):
+    """Only prepare reads ``data:``: the review flows, which name their domains under ``reviews:``, leave it out
+    and load; `recllm prepare` on such a config is one line naming data.path, exit 2, nothing written."""
+    from launcher.cli import main
+
+    text = (REPO / "configs" / config).read_text()
+    assert "\ndata:" not in text
+    assert "prepare" not in load_config(str(REPO / "configs" / config)).stages
+    assert main(["prepare", str(REPO / "configs" / config), f"run_dir={tmp_path / 'run'}"]) == 2
+    assert "data.path: empty" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "dataset").exists()
 
 
 def test_a_registered_objective_is_accepted_by_name_without_editing_the_project():
