@@ -31,6 +31,7 @@ from data_pipeline.samples.prompt_format import PromptFormat  # noqa: E402
 from inference.config import InferConfig  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 from ranking.ranking_metrics import hit_rate_at_k, ndcg_at_k  # noqa: E402
+from ranking.constrained_beam_search import build_token_trie  # noqa: E402
 from ranking.topk_scorer import TopKScorer  # noqa: E402
 from trainers.models import tiny  # noqa: E402
 from trainers.ray_launch import collaborative_vectors  # noqa: E402
@@ -49,7 +50,8 @@ def main() -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--users-per-step", type=int, default=64)
-    p.add_argument("--normaliser", default="per_level", choices=["per_level", "vocabulary"])
+    p.add_argument("--normaliser", default="per_level", choices=["per_level", "vocabulary", "trie"])
+    p.add_argument("--loss", default="per_level", choices=["per_level", "trie"])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=4)
     p.add_argument("--valid-users", type=int, default=2000)
@@ -67,6 +69,7 @@ def main() -> None:
     codes = storage.read_parquet(storage.join(run, "item_ids", "item_codes.parquet")).sort_by("item_id")
     item_tokens = [tok.convert_tokens_to_ids(t) for t in codes.column("tokens").to_pylist()]
     group_of, groups = token_groups(tok, codes.column("tokens").to_pylist(), len(tok))
+    trie = build_token_trie(storage.join(run, "item_ids"), tok) if a.loss == "trie" else None
     counts = json.loads(storage.read_text(storage.join(run, "dataset", "manifest.json")))["counts"]
     valid = storage.read_parquet(storage.join(run, "dataset", "sequences", "valid")).sort_by("user_id")
     train = valid.column("history").to_pylist()  # a user's train sequence is its valid history
@@ -92,7 +95,7 @@ def main() -> None:
             hidden = model.model(input_ids=ids).last_hidden_state[labels != -100]
             target = labels[labels != -100]
             loss, _ = grouped_token_loss(model.lm_head(hidden), target, torch.zeros_like(target), 1, 0, group_of,
-                                         groups)
+                                         groups, trie)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
