@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--users-per-step", type=int, default=64)
     p.add_argument("--normaliser", default="per_level", choices=["per_level", "vocabulary", "trie"])
     p.add_argument("--loss", default="per_level", choices=["per_level", "trie"])
+    p.add_argument("--embedding-dropout", type=float, default=0.0)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=4)
     p.add_argument("--valid-users", type=int, default=2000)
@@ -66,6 +67,9 @@ def main() -> None:
     model, tok = tiny(new_tokens, hidden_size=a.hidden, num_layers=a.layers, num_heads=4, num_kv_heads=4,
                       intermediate_size=4 * a.hidden, attention_dropout=a.dropout, new_token_init="collab",
                       token_vectors=collaborative_vectors(cfg, run, new_tokens), new_token_noise=1.0, seed=a.seed)
+    if a.embedding_dropout:
+        model.model.embed_tokens.register_forward_hook(
+            lambda module, args, out: torch.nn.functional.dropout(out, a.embedding_dropout, module.training))
     codes = storage.read_parquet(storage.join(run, "item_ids", "item_codes.parquet")).sort_by("item_id")
     item_tokens = [tok.convert_tokens_to_ids(t) for t in codes.column("tokens").to_pylist()]
     group_of, groups = token_groups(tok, codes.column("tokens").to_pylist(), len(tok))
