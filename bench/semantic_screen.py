@@ -11,6 +11,7 @@ test is never read. Not the pipeline (no Ray, no DeepSpeed, its own batch of use
 with each other, and confirm a winner with a real pipeline run.
 
     python bench/semantic_screen.py RUN_DIR [--layers 2] [--dropout 0.1] [--weight-decay 0.1] [--normaliser per_level]
+        [--loss per_level|trie] [--embedding-dropout 0.2] [--hidden 128]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from data_pipeline.samples.prompt_format import PromptFormat  # noqa: E402
 from inference.config import InferConfig  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 from ranking.ranking_metrics import hit_rate_at_k, ndcg_at_k  # noqa: E402
+from ranking.constrained_beam_search import build_token_trie  # noqa: E402
 from ranking.topk_scorer import TopKScorer  # noqa: E402
 from trainers.models import tiny  # noqa: E402
 from trainers.ray_launch import collaborative_vectors  # noqa: E402
@@ -49,7 +51,9 @@ def main() -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--users-per-step", type=int, default=64)
-    p.add_argument("--normaliser", default="per_level", choices=["per_level", "vocabulary"])
+    p.add_argument("--normaliser", default="per_level", choices=["per_level", "vocabulary", "trie"])
+    p.add_argument("--loss", default="per_level", choices=["per_level", "trie"])
+    p.add_argument("--embedding-dropout", type=float, default=0.0)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=4)
     p.add_argument("--valid-users", type=int, default=2000)
@@ -65,9 +69,13 @@ def main() -> None:
     model, tok = tiny(new_tokens, hidden_size=a.hidden, num_layers=a.layers, num_heads=4, num_kv_heads=4,
                       intermediate_size=4 * a.hidden, attention_dropout=a.dropout, new_token_init="collab",
                       token_vectors=collaborative_vectors(cfg, run, new_tokens), new_token_noise=1.0, seed=a.seed)
+    if a.embedding_dropout:
+        model.model.embed_tokens.register_forward_hook(
+            lambda module, args, out: torch.nn.functional.dropout(out, a.embedding_dropout, module.training))
     codes = layout.read_item_codes().sort_by("item_id")
     item_tokens = [tok.convert_tokens_to_ids(t) for t in codes.column("tokens").to_pylist()]
     group_of, groups = token_groups(tok, codes.column("tokens").to_pylist(), len(tok))
+    trie = build_token_trie(layout.item_ids, tok) if a.loss == "trie" else None
     counts = layout.read_manifest()["counts"]
     valid = layout.read_sequences("valid").sort_by("user_id")
     train = valid.column("history").to_pylist()  # a user's train sequence is its valid history
@@ -93,7 +101,7 @@ def main() -> None:
             hidden = model.model(input_ids=ids).last_hidden_state[labels != -100]
             target = labels[labels != -100]
             loss, _ = grouped_token_loss(model.lm_head(hidden), target, torch.zeros_like(target), 1, 0, group_of,
-                                         groups)
+                                         groups, trie)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

@@ -23,7 +23,9 @@ from data_pipeline.samples.prompt_format import PromptFormat
 #   token included, when the trie has one). ``normaliser="vocabulary"``: log-softmax over the model's whole
 #   vocabulary (a model trained with next-token loss); ``"per_level"``: log-softmax over the tokens of that code
 #   level only, every token on a trie edge at that depth (a model trained with the sequence objective, whose
-#   softmax is restricted to each level's codes: the other logits were never trained and would add noise).
+#   softmax is restricted to each level's codes: the other logits were never trained and would add noise);
+#   ``"trie"``: log-softmax over the children of the beam's trie node only (a model trained with the sequence
+#   objective's trie softmax: an item's score is then its exact log-likelihood, a hierarchical softmax).
 #   Nothing is read from model.generation_config: no sampling, temperature, repetition penalty or length penalty.
 # - At each code level the beam set keeps the ``num_beams`` best of: every live beam extended by one allowed
 #   token, and every item already complete (shorter code), carried over unchanged.
@@ -92,6 +94,8 @@ class TrieEdges:
     level_tokens: list[torch.Tensor] | None = None
     """Per level: the distinct tokens on its edges, what ``normaliser="per_level"`` normalises over; None for the
     whole vocabulary."""
+    over_children: bool = False
+    """``normaliser="trie"``: each token normalised over its node's children only."""
 
     @property
     def levels(self) -> int:
@@ -104,10 +108,10 @@ class TrieEdges:
                    [i.to(device) for i in trie.terminal_items],
                    [int((o[1:] - o[:-1]).max()) if len(o) > 1 else 0 for o in trie.offsets],
                    max((int(t.max()) for t in trie.edge_tokens if len(t)), default=-1),
-                   level_tokens(trie, device) if normaliser == "per_level" else None)
+                   level_tokens(trie, device) if normaliser == "per_level" else None, normaliser == "trie")
 
 
-NORMALISERS = ("vocabulary", "per_level")
+NORMALISERS = ("vocabulary", "per_level", "trie")
 
 
 def level_tokens(trie: CodeTrie, device: torch.device | str = "cpu") -> list[torch.Tensor]:
@@ -216,7 +220,8 @@ def _extend(beams: _Beams, level: int, logits: torch.Tensor, edges: TrieEdges, b
     has_child = rank < count.unsqueeze(1)
     edge = torch.where(has_child, start.unsqueeze(1) + rank, torch.zeros_like(has_child, dtype=torch.long))
     token = edges.tokens[level][edge]
-    log_probs = _log_probs_of(logits.float(), token, None if edges.level_tokens is None else edges.level_tokens[level])
+    log_probs = _log_probs_of(logits.float(), token, None if edges.level_tokens is None else edges.level_tokens[level],
+                              has_child if edges.over_children else None)
     child_scores = torch.where(has_child, beams.scores.unsqueeze(1) + log_probs,
                                torch.full_like(log_probs, -torch.inf))
     stay_scores = torch.where(beams.items >= 0, beams.scores, torch.full_like(beams.scores, -torch.inf))
@@ -240,11 +245,15 @@ def _extend(beams: _Beams, level: int, logits: torch.Tensor, edges: TrieEdges, b
     return _Beams(nodes=nodes, items=items, scores=best.view(-1), tokens=tokens), origin
 
 
-def _log_probs_of(logits: torch.Tensor, token: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
-    """log p(token) = logit - logsumexp over the whole vocabulary (or over the ``group`` tokens only), for the
-    [rows, width] ``token`` only. Overwrites ``logits``: in place, the normaliser makes no [rows, vocab]
-    temporaries (it is a third of a decode step on the CPU)."""
+def _log_probs_of(logits: torch.Tensor, token: torch.Tensor, group: torch.Tensor | None = None,
+                  children: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(token) = logit - logsumexp over the whole vocabulary (or over the ``group`` tokens only, or over the
+    [rows, width] ``children`` mask of ``token`` only), for the [rows, width] ``token`` only. Overwrites
+    ``logits``: in place, the normaliser makes no [rows, vocab] temporaries (it is a third of a decode step on
+    the CPU)."""
     chosen = logits.gather(1, token)
+    if children is not None:
+        return chosen - torch.logsumexp(chosen.masked_fill(~children, -torch.inf), dim=1, keepdim=True)
     if group is not None:
         return chosen - torch.logsumexp(logits[:, group], dim=1, keepdim=True)
     peak = logits.amax(dim=1, keepdim=True)
@@ -286,7 +295,8 @@ def reference_beam_search(model, prompt_ids: Sequence[Sequence[int]], trie: Code
     all_items, all_scores = [], []
     with _eval_mode(model):
         for prompt in prompt_ids:
-            items, scores = _reference_one_user(model, list(prompt), trie, num_beams, top_k, groups)
+            items, scores = _reference_one_user(model, list(prompt), trie, num_beams, top_k, groups,
+                                                over_children=normaliser == "trie")
             all_items.append(items)
             all_scores.append(scores)
     return (torch.tensor(all_items, dtype=torch.long).view(-1, top_k),
@@ -294,7 +304,7 @@ def reference_beam_search(model, prompt_ids: Sequence[Sequence[int]], trie: Code
 
 
 def _reference_one_user(model, prompt: list[int], trie: CodeTrie, num_beams: int, top_k: int,
-                        groups: list[torch.Tensor] | None) -> tuple[list[int], list[float]]:
+                        groups: list[torch.Tensor] | None, over_children: bool = False) -> tuple[list[int], list[float]]:
     beams: list[tuple[tuple[int, ...], float, int]] = [((), 0.0, -1)]  # (code tokens, score, item or -1)
     for depth in range(trie.depth):
         candidates = []
@@ -302,8 +312,9 @@ def _reference_one_user(model, prompt: list[int], trie: CodeTrie, num_beams: int
             if item >= 0:  # complete: competes as it is
                 candidates.append((code, score, item))
                 continue
-            log_probs = _next_token_log_probs(model, list(prompt) + list(code), None if groups is None else groups[depth])
             allowed = trie.allowed_next(torch.tensor([code], dtype=torch.long).view(1, len(code)))[0]
+            group = torch.nonzero(allowed).flatten() if over_children else None if groups is None else groups[depth]
+            log_probs = _next_token_log_probs(model, list(prompt) + list(code), group)
             for token in torch.nonzero(allowed).flatten().tolist():
                 longer = code + (token,)
                 candidates.append((longer, score + float(log_probs[token]), trie.item_of(list(longer))))

@@ -124,7 +124,7 @@ def assert_valid_distinct_sorted(result: tuple[torch.Tensor, torch.Tensor], code
 
 
 DECODERS = st.sampled_from(["shared_prompt", "copied_cache"])
-NORMALISERS = st.sampled_from(["vocabulary", "per_level"])
+NORMALISERS = st.sampled_from(["vocabulary", "per_level", "trie"])
 
 
 @settings(max_examples=25, deadline=None)
@@ -186,6 +186,29 @@ def test_per_level_scores_are_each_levels_restricted_softmax(case):
                    for rank, item in enumerate(fast[0][user].tolist()))  # ties may swap places
         whole = sequence_log_prob(model, prompt, codes[fast[0][user, 0].item()])
         assert whole < fast[1][user, 0].item() - 1e-3  # the model gives the other tokens some probability
+
+
+@settings(max_examples=15, deadline=None)
+@given(search_cases(max_users=2))
+def test_trie_scores_are_a_distribution_over_the_items(case):
+    """normaliser=trie: each token is normalised over its trie node's children only, so an item's score is its
+    exact log-likelihood under the trie (a hierarchical softmax): over every item the probabilities sum to 1,
+    and a node with one child adds nothing."""
+    model, trie, codes, prompts, _, _ = case
+    num_beams = len(codes)
+    items, scores = constrained_beam_search(model, prompts, trie, num_beams, num_beams, normaliser="trie")
+    for user, prompt in enumerate(prompts):
+        assert sorted(items[user].tolist()) == sorted(codes)
+        assert torch.logsumexp(scores[user], 0).item() == pytest.approx(0.0, abs=1e-4)
+        by_hand = {}
+        for item, code in codes.items():
+            total = 0.0
+            for depth, token in enumerate(code):
+                siblings = sorted({c[depth] for c in codes.values() if list(c[:depth]) == list(code[:depth])})
+                total += sequence_log_prob(model, list(prompt) + list(code[:depth]), [token], [siblings])
+            by_hand[item] = total
+        for item, score in zip(items[user].tolist(), scores[user].tolist()):
+            assert score == pytest.approx(by_hand[item], abs=SCORE_TOLERANCE)
 
 
 def test_unknown_normaliser_is_refused():

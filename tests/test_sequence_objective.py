@@ -60,6 +60,40 @@ def test_per_level_softmax_gives_zero_gradient_outside_the_level():
     assert torch.all(grad[0, outside0] == 0) and torch.all(grad[1, outside1] == 0)
 
 
+def test_trie_softmax_scores_each_code_over_its_prefix_children_by_hand():
+    """train.sequence.item_softmax=trie: a code is scored against the children of its item's prefix only; a
+    node with one child scores 0 with no gradient; a code whose prefix is not in the batch (a sequence cut
+    mid-item) keeps its level's softmax; other tasks keep the whole vocabulary."""
+    from ranking.code_trie import CodeTrie
+
+    # items: (1, 4), (1, 5), (2, 6); level 0 = tokens 1-2, level 1 = tokens 4-6; 9 = EOS, 0 = text
+    trie = CodeTrie([[1, 4], [1, 5], [2, 6]], vocab_size=10)
+    group_of = torch.full((10,), -1)
+    group_of[[1, 2]] = 0
+    group_of[[4, 5, 6]] = 1
+    groups = [torch.tensor([1, 2]), torch.tensor([4, 5, 6])]
+    torch.manual_seed(0)
+    pred = torch.randn(8, 10, requires_grad=True)
+    # task 0 = user_sequence: a cut item's second code (5), then items (1, 4), (2, 6), EOS; task 1: text
+    target = torch.tensor([5, 1, 4, 2, 6, 9, 0, 3])
+    tasks = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    loss, per_task = grouped_token_loss(pred, target, tasks, 2, 0, group_of, groups, trie)
+
+    def nll(row, allowed, token):
+        logits = pred[row, allowed]
+        return -(logits[allowed.index(token)] - torch.logsumexp(logits, 0))
+
+    sequence = [nll(0, [4, 5, 6], 5), nll(1, [1, 2], 1), nll(2, [4, 5], 4), nll(3, [1, 2], 2), torch.tensor(0.0)]
+    other = [nll(6, list(range(10)), 0), nll(7, list(range(10)), 3)]
+    assert loss.item() == pytest.approx(torch.stack(sequence + other).mean().item(), rel=1e-6)
+    assert per_task[0, 1] == 5 and per_task[1, 1] == 2
+    assert per_task[0, 0] == pytest.approx(torch.stack(sequence).sum().item(), rel=1e-6)
+    loss.backward()
+    assert torch.all(pred.grad[4] == 0)  # (2, 6): 2 has one child, nothing to learn
+    assert torch.all(pred.grad[2, [0, 1, 2, 3, 6, 7, 8, 9]] == 0)  # only 1's children, 4 and 5
+    assert torch.count_nonzero(pred.grad[0, [4, 5, 6]]) == 3  # the cut item: its whole level
+
+
 def test_subtoken_ids_have_no_groups_and_score_the_whole_vocabulary():
     group_of, groups = token_groups(_Vocab(["a"]), [], 5)
     assert groups == [] and torch.all(group_of == -1)
@@ -125,7 +159,7 @@ def test_valid_sample_is_fixed_by_the_seed():
 
 @pytest.mark.parametrize("objective, scheme, expected", [
     ("sequence", "semantic", "per_level"), ("sequence", "atomic", "per_level"), ("sequence", "subtoken", "vocabulary"),
-    ("sft", "semantic", "vocabulary")])
+    ("sft", "semantic", "vocabulary"), ("sequence", "semantic", "trie")])
 def test_the_saved_prompt_format_tells_inference_what_the_item_softmax_was(objective, scheme, expected):
     """The sequence objective trains each code token against its level's tokens only, so inference and the valid
     rounds must normalise beam scores over the same tokens; a next-token objective trains against the vocabulary."""
@@ -133,6 +167,7 @@ def test_the_saved_prompt_format_tells_inference_what_the_item_softmax_was(objec
     from trainers.ray_launch import item_softmax
 
     tasks = "[user_sequence]" if objective == "sequence" else "[sequential]"
+    softmax = ["train.sequence.item_softmax=trie"] if expected == "trie" else []
     cfg = load_config(None, ["data.path=data/scientific", "data.name=Scientific", f"train.objective={objective}",
-                             f"ids.scheme={scheme}", f"samples.tasks={tasks}"])
+                             f"ids.scheme={scheme}", f"samples.tasks={tasks}"] + softmax)
     assert item_softmax(cfg) == expected

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from data_pipeline.config_schema import choice, positive
 from trainers.recipes.registry import registered_objectives
-from trainers.recipes.config import CLLM4RecConfig, ControlRecConfig
+from trainers.recipes.config import CLLM4RecConfig, ControlRecConfig, SequenceConfig
 
 FINETUNE = ("lora", "full")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -85,6 +85,8 @@ class TrainConfig:
     """Log the sample_ids each worker trains on per step (samples_seen/), for audits of resumes."""
     objective: str = "sft"
     """A registered objective: sft (packed next-token loss) | sequence (every item of user_sequence samples, softmax over the target's ID group) | controlrec (+ HFM, instruction contrast, visibility) | cllm4rec (+ restricted softmaxes, mutual regularization)."""
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
+    """The sequence objective's item softmax (objective sequence)."""
     controlrec: ControlRecConfig = field(default_factory=ControlRecConfig)
     """ControlRec's components and weights (objective controlrec)."""
     cllm4rec: CLLM4RecConfig = field(default_factory=CLLM4RecConfig)

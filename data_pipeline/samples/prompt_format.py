@@ -15,7 +15,7 @@ from data_pipeline.errors import DataError
 
 PROMPT_FORMAT_FILE = "prompt_format.json"
 STYLES = ("instruction", "sequence")
-ITEM_SOFTMAXES = ("vocabulary", "per_level")
+ITEM_SOFTMAXES = ("vocabulary", "per_level", "trie")
 SEQUENCE_TASKS = ("user_sequence",)
 """Tasks whose samples are item sequences with no frame; every other task is framed as an instruction."""
 
@@ -44,7 +44,8 @@ class PromptFormat:
     """How the sequence style joins item names ('' for token names such as <item_3> or <a_1><b_2>)."""
     item_softmax: str = "vocabulary"
     """What an item code token's probability was trained against, so what beam search normalises over:
-    vocabulary (next-token loss) | per_level (the sequence objective: a softmax over that code level's tokens)."""
+    vocabulary (next-token loss) | per_level (the sequence objective: a softmax over that code level's tokens) |
+    trie (the sequence objective: a softmax over the children of the item's code prefix)."""
 
     def frame(self, prompt: str) -> str:
         return f"{prompt}\nAnswer: " if self.style == "instruction" else prompt

@@ -1,5 +1,5 @@
-"""Config of the training objective (``train.objective`` and its sections ``train.controlrec`` /
-``train.cllm4rec``): which recipe's losses the shared trainer adds to the packed SFT loss, each component
+"""Config of the training objective (``train.objective`` and its sections ``train.sequence`` /
+``train.controlrec`` / ``train.cllm4rec``): which recipe's losses the shared trainer adds to the packed SFT loss, each component
 behind its own switch so an ablation is one ``key=value`` away.
 """
 
@@ -7,7 +7,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from data_pipeline.config_schema import positive
+from data_pipeline.config_schema import choice, positive
+
+SEQUENCE_SOFTMAXES = ("per_level", "trie")
+
+
+@dataclass
+class SequenceConfig:
+    item_softmax: str = "per_level"
+    """What each code of a target item is scored against: per_level (a softmax over that code level's tokens) |
+    trie (over the children of the item's code prefix only: the item's exact log-likelihood under the
+    constrained decoder, a hierarchical softmax that spends nothing on codes its prefix already decides). Beam
+    search reads the model the same way. Atomic IDs: the two are the same softmax over item tokens."""
+
+    def check(self) -> list[str]:
+        return choice("item_softmax", self.item_softmax, SEQUENCE_SOFTMAXES)
 
 
 @dataclass

@@ -17,6 +17,8 @@ import torch
 
 from data_pipeline.item_ids.atomic_ids import CONTENT_PREFIX, content_twin
 from data_pipeline.run_layout import RunLayout
+from ranking.code_trie import CodeTrie
+from ranking.constrained_beam_search import build_token_trie
 from trainers.recipes.contrastive_losses import hfm_loss, icl_loss, icl_weight, mean_pool
 from trainers.recipes.controlrec_data import ControlRecData
 from trainers.recipes.registry import ObjectiveContext, objective_class, register_objective
@@ -77,9 +79,10 @@ class SequenceObjective(SFTObjective):
     vocabulary). Labels outside every group there (the closing EOS) are not scored. Other tasks, when on, keep
     the full-vocabulary next-token loss, so the alignment tasks compose with it."""
 
-    def __init__(self, num_tasks: int, sequence_task: int | None, group_of: torch.Tensor, groups: list[torch.Tensor]):
+    def __init__(self, num_tasks: int, sequence_task: int | None, group_of: torch.Tensor, groups: list[torch.Tensor],
+                 trie: CodeTrie | None = None):
         super().__init__(num_tasks)
-        self.sequence_task, self.group_of, self.groups = sequence_task, group_of, groups
+        self.sequence_task, self.group_of, self.groups, self.trie = sequence_task, group_of, groups, trie
 
     @classmethod
     def build(cls, ctx: ObjectiveContext):
@@ -88,14 +91,19 @@ class SequenceObjective(SFTObjective):
                       else codes.column("tokens").to_pylist())
         group_of, groups = token_groups(ctx.tokenizer, token_seqs, len(ctx.tokenizer))
         task = ctx.tasks.index("user_sequence") if "user_sequence" in ctx.tasks else None
-        log.info("sequence objective: %d ID groups of sizes %s", len(groups), [len(g) for g in groups])
-        return cls(len(ctx.tasks), task, group_of, groups)
+        trie = None
+        if ctx.train.sequence.item_softmax == "trie" and groups:
+            trie = build_token_trie(RunLayout(ctx.run_dir).item_ids, ctx.tokenizer)
+        log.info("sequence objective: %d ID groups of sizes %s, item softmax %s", len(groups),
+                 [len(g) for g in groups], "trie" if trie is not None else "per_level")
+        return cls(len(ctx.tasks), task, group_of, groups, trie)
 
     @staticmethod
     def item_softmax(root) -> str:
-        """Grouped schemes (semantic, precomputed, atomic) are trained per level, so beam search reads them per
-        level; sub-token IDs keep the whole vocabulary."""
-        return "vocabulary" if root.ids.scheme == "subtoken" else "per_level"
+        """Grouped schemes (semantic, precomputed, atomic) are trained per level or over trie children
+        (``train.sequence.item_softmax``), and beam search reads them the same way; sub-token IDs keep the whole
+        vocabulary."""
+        return "vocabulary" if root.ids.scheme == "subtoken" else root.train.sequence.item_softmax
 
     @staticmethod
     def check(root) -> list[str]:
@@ -107,7 +115,7 @@ class SequenceObjective(SFTObjective):
     def loss(self, model, batch, step: int, device):
         pred, target, tasks = _head_at_labels(model, batch, device)
         loss, per_task = grouped_token_loss(pred, target, tasks, self.num_tasks, self.sequence_task, self.group_of,
-                                            self.groups)
+                                            self.groups, self.trie)
         return loss, per_task, {}
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ranking.code_trie import CodeTrie
 from trainers.packing import IGNORE
 
 
@@ -114,12 +115,27 @@ def token_groups(tokenizer, token_seqs: list[list[str]], vocab_size: int) -> tup
 
 
 def grouped_token_loss(pred: torch.Tensor, target: torch.Tensor, tasks: torch.Tensor, num_tasks: int,
-                       sequence_task: int | None, group_of: torch.Tensor,
-                       groups: list[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
+                       sequence_task: int | None, group_of: torch.Tensor, groups: list[torch.Tensor],
+                       trie: CodeTrie | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """The sequence-level loss on logits gathered at labelled positions (pred [N, V], target [N]): a label of
     ``sequence_task`` is scored by a softmax over its own group's tokens, and not scored when it is in no group
-    (unless there are no groups at all); every other label by the full vocabulary. Returns (mean over scored
+    (unless there are no groups at all); every other label by the full vocabulary. With a ``trie`` of the items'
+    code tokens, a code label is scored by a softmax over the children of its item's prefix instead (the exact
+    item log-likelihood under the constrained decoder, a hierarchical softmax over the trie); a code whose
+    prefix is not in the batch (a sequence cut mid-item) keeps its level's softmax. Returns (mean over scored
     labels, [num_tasks, 2] per-task loss sums and counts)."""
+    if trie is not None and sequence_task is not None and groups:
+        level = torch.where(tasks == sequence_task, group_of.to(target.device)[target], -1)
+        node = trie_nodes(target, level, trie)
+        on_trie = node >= 0
+        if on_trie.any():
+            nll = trie_child_nll(pred[on_trie], target[on_trie], level[on_trie], node[on_trie], trie)
+            rest = ~on_trie
+            rest_loss, per_task = grouped_token_loss(pred[rest], target[rest], tasks[rest], num_tasks, sequence_task,
+                                                     group_of, groups)
+            counted = per_task[:, 1].sum()
+            per_task[sequence_task] += [float(nll.detach().sum()), nll.numel()]
+            return (rest_loss * counted + nll.sum()) / (counted + nll.numel()), per_task
     restrictions: dict[int, torch.Tensor] = {}
     if sequence_task is not None and groups:
         in_sequence = tasks == sequence_task
@@ -134,3 +150,44 @@ def grouped_token_loss(pred: torch.Tensor, target: torch.Tensor, tasks: torch.Te
     if sequence_task is not None:
         out[sequence_task] += per_task[num_tasks:].sum(0)
     return loss, out
+
+
+def trie_nodes(target: torch.Tensor, level: torch.Tensor, trie: CodeTrie) -> torch.Tensor:
+    """[N] the trie node whose child each labelled position predicts (0, the root, at code level 0), or -1.
+    ``level`` [N] is each label's code level (-1: not a code of the sequence task). A label at level d continues
+    the d labels before it, its item's earlier codes, which a sample keeps contiguous; -1 where those are not a
+    prefix in the trie (a sequence cut mid-item)."""
+    node = torch.where(level == 0, 0, -1)
+    for depth in range(1, trie.depth):
+        here = torch.nonzero(level == depth).squeeze(-1)
+        here = here[here > 0]
+        before = here - 1
+        parent = node[before]
+        key = parent.clamp(min=0) * trie.vocab_size + target[before]
+        keys = trie.edge_keys[depth - 1].to(target.device)
+        found = torch.searchsorted(keys, key).clamp(max=len(keys) - 1)
+        ok = (level[before] == depth - 1) & (parent >= 0) & (keys[found] == key)
+        node[here] = torch.where(ok, found, torch.full_like(found, -1))
+    return node
+
+
+def trie_child_nll(pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor, node: torch.Tensor,
+                   trie: CodeTrie) -> torch.Tensor:
+    """[M] -log p(target | its trie node): each label's logit against a softmax over its node's children only
+    (a node with one child scores exactly 0: nothing to learn there). pred [M, V] logits at the labels."""
+    nll = pred.new_zeros(len(target), dtype=torch.float32)
+    for depth in range(trie.depth):
+        sel = torch.nonzero(level == depth).squeeze(-1)
+        if not len(sel):
+            continue
+        offsets = trie.offsets[depth].to(target.device)
+        start = offsets[node[sel]]
+        count = offsets[node[sel] + 1] - start
+        rank = torch.arange(int(count.max()), device=target.device)
+        has = rank < count.unsqueeze(1)
+        children = trie.edge_tokens[depth].to(target.device)[torch.where(has, start.unsqueeze(1) + rank, 0)]
+        logits = pred[sel].float()
+        child_logits = logits.gather(1, children).masked_fill(~has, -torch.inf)
+        chosen = logits.gather(1, target[sel].unsqueeze(1)).squeeze(1)
+        nll[sel] = torch.logsumexp(child_logits, dim=1) - chosen
+    return nll
