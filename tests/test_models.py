@@ -287,3 +287,26 @@ def test_tiny_attention_dropout_acts_in_training_only():
     assert not torch.allclose(first, model(input_ids=ids).logits)  # a fresh mask each forward
     model.eval()
     assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_embedding_dropout_acts_in_training_only_and_is_not_saved(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from trainers.model_config import ModelConfig, TinyShape
+    from trainers.models import build_model
+
+    cfg = ModelConfig(tiny=TinyShape(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64),
+                      embedding_dropout=0.5)
+    model, _ = build_model(cfg, seed=0)
+    plain, _ = build_model(ModelConfig(tiny=cfg.tiny), seed=0)
+    ids = torch.arange(5, 25).view(1, -1)
+    model.train()
+    embedded = model.get_input_embeddings()(ids)
+    assert 0.3 < (embedded == 0).float().mean().item() < 0.7  # about half the elements dropped, the rest x2
+    assert not torch.allclose(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    model.eval()
+    plain.eval()
+    assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)  # off at inference
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).train()
+    assert torch.equal(reloaded.get_input_embeddings()(ids), plain.get_input_embeddings()(ids))  # no hook saved

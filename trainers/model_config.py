@@ -78,6 +78,9 @@ class ModelConfig:
     """Parameter dtype: float32 | bfloat16 | float16 (bfloat16 for 7B/13B on GPU)."""
     attn_implementation: str = "auto"
     """auto (flash_attention_2 with flash_attn and CUDA, else sdpa) | sdpa | flash_attention_2 | eager."""
+    embedding_dropout: float = 0.0
+    """Dropout on the input embeddings' output while training, as SASRec drops its item embeddings (the LLaMA
+    family has no such layer); off at inference, and nothing of it is saved with the model."""
     tiny: TinyShape = field(default_factory=TinyShape)
     """Shape of the tiny model (used only with size: tiny)."""
 
@@ -86,6 +89,8 @@ class ModelConfig:
                     + choice("dtype", self.dtype, DTYPES)
                     + choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS))
         problems += positive("new_token_noise", self.new_token_noise, allow_zero=True)
+        if not 0.0 <= self.embedding_dropout < 1.0:
+            problems.append(f"embedding_dropout: {self.embedding_dropout}; expected 0 <= p < 1")
         if self.attn_implementation == "flash_attention_2" and self.dtype == "float32":
             problems.append("attn_implementation: 'flash_attention_2' needs dtype bfloat16 or float16, got float32")
         if self.size == "auto" and not self.checkpoint:

@@ -436,10 +436,20 @@ def build_model(cfg: ModelConfig, new_tokens: Sequence[str] = (), token_texts: M
         model, tokenizer = builder(new_tokens, **common)
     else:
         raise ValueError(f"model.size: {cfg.size!r} is not one of tiny, smollm2_135m, llama2_7b, llama2_13b, auto")
+    if cfg.embedding_dropout:
+        add_embedding_dropout(model, cfg.embedding_dropout)
     log.info("built %s: %s parameters, vocabulary %d (%d new tokens), %s on %s, attention %s", cfg.size,
              f"{count_parameters(model):,}", model.config.vocab_size, len(new_tokens), model.dtype,
              model.device, model.config._attn_implementation)
     return model, tokenizer
+
+
+def add_embedding_dropout(model: PreTrainedModel, p: float) -> None:
+    """Drop elements of the input embeddings' output with probability ``p`` while the model trains. A forward
+    hook on the embedding module: the config and the exported weights stay the plain family's, and eval mode
+    (validation, beam search) turns it off."""
+    model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: torch.nn.functional.dropout(out, p, module.training))
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase | None:
