@@ -29,6 +29,7 @@ class TopKScorer:
 
         self.cfg, self.device, self.model, self.tokenizer = infer_cfg, device, model, tokenizer
         self.normaliser = prompt_format.item_softmax if prompt_format is not None else "vocabulary"
+        self.rerank = prompt_format.item_rerank if prompt_format is not None else "none"
         self.model_version = ""
         self.prompts = PromptBuilder(run_dir, num_items, num_users, infer_cfg.max_history, prompt_format=prompt_format)
         codes = RunLayout(run_dir).read_item_codes().sort_by("item_id")  # row r = item_id r
@@ -40,8 +41,16 @@ class TopKScorer:
             self.item_token_ids = torch.tensor([s[0] for s in token_seqs], dtype=torch.long)
         else:
             needs_end = len({len(s) for s in token_seqs}) > 1
+            end = self.tokenizer.eos_token_id
+            if self.prompts.joiner:  # in a sequence an item ends where the separator starts
+                separator, token_seqs = self.prompts.joined_items(self.tokenizer)
+                end = separator[0]
             self.trie = CodeTrie(token_seqs, self.items, vocab_size=len(self.tokenizer),
-                                 end_token=self.tokenizer.eos_token_id if needs_end else None)
+                                 end_token=end if needs_end else None)
+            if self.rerank == "flat":
+                if needs_end:
+                    raise ValueError("item_rerank=flat needs the same number of codes for every item (semantic IDs)")
+                self.code_token_ids = torch.tensor(token_seqs, dtype=torch.long)
 
     @classmethod
     def from_model_dir(cls, run_dir: str, model_dir: str, infer_cfg, num_items: int, num_users: int,
@@ -107,6 +116,8 @@ class TopKScorer:
                 items, scores = constrained_beam_search(getattr(self.model, "module", self.model), prompt_rows,
                                                         self.trie, self.cfg.num_beams, top_k,
                                                         normaliser=self.normaliser)
+                if self.rerank == "flat":
+                    items, scores = flat_rerank(self, u, h, items, scores)
                 items, scores = items.cpu().numpy(), scores.float().cpu().numpy()
                 if self.cfg.exclude_seen:
                     items, scores = _drop_seen(items, scores, h, self.cfg.top_k)
@@ -120,6 +131,26 @@ def multinomial_items(scorer: TopKScorer, ids, mask, seen):
 
     # seen items are dense item_ids; the head indexes item_codes rows, which are in item_id order
     return multinomial_topk(scorer.model, ids, mask, scorer.item_token_ids, scorer.cfg.top_k, seen)
+
+
+@torch.no_grad()
+def flat_rerank(scorer: TopKScorer, user_ids, histories, items: torch.Tensor,
+                scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search's items ([B, K] item_ids, -1 padding) re-ordered by code log-probability plus the flat item
+    logit (the prompt's last state times the sum of the item's code rows; its per-user normaliser changes no
+    order, so it is left out). Returns the re-ordered items and their combined scores."""
+    ids, mask = scorer._encode(user_ids, histories)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    model = getattr(scorer.model, "module", scorer.model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                output_hidden_states=True, logits_to_keep=1)
+    last = out.hidden_states[-1][:, -1, :].float()
+    codes = scorer.code_token_ids.to(ids.device)[items.clamp(min=0).to(ids.device)]  # item_id r is codes row r
+    vectors = model.get_input_embeddings()(codes).float().sum(-2)  # [B, K, H]
+    flat = (vectors * last[:, None, :]).sum(-1)
+    combined = torch.where(items.to(ids.device) >= 0, scores.float().to(ids.device) + flat, float("-inf"))
+    order = torch.argsort(combined, dim=-1, descending=True, stable=True)
+    return items.to(ids.device).gather(-1, order), combined.gather(-1, order)
 
 
 def _drop_seen(items: np.ndarray, scores: np.ndarray, histories, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -34,5 +34,36 @@ class PromptBuilder:
         return text
 
     def prompt_ids(self, tokenizer, user_ids, histories) -> list[list[int]]:
-        """Token ids of each user's prompt, framed as the model was trained."""
-        return self.format.prompt_ids(tokenizer, [self.prompt(int(u), list(h)) for u, h in zip(user_ids, histories)])
+        """Token ids of each user's prompt, framed as the model was trained. A sequence of names the tokenizer
+        splits (sub-token IDs) ends with the separator's tokens, so the next item starts as it did in training."""
+        rows = self.format.prompt_ids(tokenizer, [self.prompt(int(u), list(h)) for u, h in zip(user_ids, histories)])
+        if self.joiner:
+            separator, _ = self.joined_items(tokenizer)
+            rows = [row + separator for row in rows]
+        return rows
+
+    def joined_items(self, tokenizer) -> tuple[list[int], list[list[int]]]:
+        """``joined_item_tokens`` of this run's items, worked out once."""
+        if getattr(self, "_joined", None) is None:
+            self._joined = joined_item_tokens(tokenizer, self.item_names, self.joiner)
+        return self._joined
+
+
+def joined_item_tokens(tokenizer, names: list[str], joiner: str) -> tuple[list[int], list[list[int]]]:
+    """(the separator's tokens, each item's tokens) as the tokenizer splits items written one after another
+    (``a, b``), which is how the sequence samples were tokenised: a BPE tokenizer often moves the separator's
+    space into the next item's first token, so neither is its standalone tokenisation. Found from ``first +
+    joiner + name`` for every name: the separator is the tokens all of them share after ``first``'s."""
+    first = tokenizer(names[0], add_special_tokens=False)["input_ids"]
+    tails = [tokenizer(names[0] + joiner + n, add_special_tokens=False)["input_ids"] for n in names]
+    if any(t[:len(first)] != first for t in tails):
+        raise ValueError(f"the tokenizer splits {names[0]!r} differently when {joiner!r} follows it; sub-token "
+                         f"sequences need names whose tokens do not merge with the separator")
+    tails = [t[len(first):] for t in tails]
+    shared = 0
+    while all(len(t) > shared + 1 and t[shared] == tails[0][shared] for t in tails):
+        shared += 1
+    if shared == 0:
+        raise ValueError(f"the separator {joiner!r} has no token of its own between items; sub-token sequences "
+                         f"need one to mark where an item ends")
+    return tails[0][:shared], [t[shared:] for t in tails]

@@ -289,9 +289,12 @@ def test_infer_with_corrupt_item_codes(run, capsys):
     _refused(capsys, "infer", run, needles=["item_codes.parquet", "corrupt or unreadable Parquet"], output="topk")
 
 
-def test_infer_with_an_unknown_prompt_format(run, capsys):
-    (run / "model" / "prompt_format.json").write_text(json.dumps({"style": "chat", "max_history": 50}))
-    _refused(capsys, "infer", run, needles=["model/prompt_format.json, field 'style'", "'chat'"], output="topk")
+@pytest.mark.parametrize("fields, field, value", [
+    ({"style": "chat", "max_history": 50}, "style", "'chat'"),
+    ({"style": "sequence", "max_history": 50, "item_rerank": "popularity"}, "item_rerank", "'popularity'")])
+def test_infer_with_an_unknown_prompt_format(run, capsys, fields, field, value):
+    (run / "model" / "prompt_format.json").write_text(json.dumps(fields))
+    _refused(capsys, "infer", run, needles=[f"model/prompt_format.json, field '{field}'", value], output="topk")
 
 
 # evaluate: the top-K cache

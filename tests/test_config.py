@@ -77,6 +77,7 @@ def test_every_field_of_every_section_has_a_docstring():
     (["stages=[prepare,build-ids,build-samples,train]", "model.new_token_init=collab"],
      "stages: train (model.new_token_init=collab) reads run_dir/baseline/ after prepare writes a new dataset/"),
     (["data.path="], "data.path: empty; give the folder with the raw data"),
+    (["train.sequence.item_loss=0.5"], "train.sequence.item_loss: the flat item softmax beside the codes needs"),
 ])
 def test_plan_exits_2_on_each_cross_section_rule(overrides, needle, capsys):
     """Rules spanning sections are checked when the config loads, so `recllm plan` rejects them before Ray starts."""

@@ -41,7 +41,8 @@ def test_sequence_recipe_trains_selects_the_best_valid_round_and_infers(tmp_path
     assert info["valid"]["valid/NDCG@10"] == pytest.approx(best["valid/NDCG@10"])
     assert rounds[-1]["valid/HR@10"] > 0.01  # it learned something in 30 steps (most popular is ~0.02)
     fmt = json.loads((run_dir / "model" / "prompt_format.json").read_text())
-    assert fmt == {"style": "sequence", "max_history": 50, "item_separator": "", "item_softmax": "per_level"}
+    assert fmt == {"style": "sequence", "max_history": 50, "item_separator": "", "item_softmax": "per_level",
+                   "item_rerank": "none"}
 
     assert main(["infer", *args]) == 0
     import pyarrow.parquet as pq
@@ -68,19 +69,23 @@ def test_sequence_objective_under_zero3_validates_and_replicas_agree(tmp_path, r
     assert json.loads((run_dir / "model" / "recllm_model.json").read_text())["step"] in (5, 10)
 
 
-def test_semantic_ids_train_with_the_trie_softmax_and_validate_with_the_trie_normaliser(tmp_path, ray_local):
-    """The shipped semantic config with train.sequence.item_softmax=trie through Ray Train + DeepSpeed: the
-    objective builds the code trie on the workers, the valid rounds run the trie-constrained beam search
-    normalised over trie children, and the exported prompt format tells `infer` so."""
+def test_semantic_ids_train_with_the_trie_softmax_and_flat_item_loss_and_validate_the_same_way(tmp_path, ray_local):
+    """The shipped semantic config with train.sequence.item_softmax=trie and train.sequence.item_loss through Ray
+    Train + DeepSpeed: the objective builds the code trie and the item index on the workers and logs the flat
+    item loss, the valid rounds run the trie-constrained beam search normalised over trie children and re-ranked
+    by the flat score, and the exported prompt format tells `infer` both."""
     run_dir = tmp_path / "run"
     args = [str(REPO / "configs" / "scientific_semantic.yaml"), f"run_dir={run_dir}", "baseline.epochs=3",
             "train.max_steps=10", "train.eval_every=5", "train.eval_users=100", "train.patience=0",
-            "train.log_every=5", "train.checkpoint_every=10", "train.sequence.item_softmax=trie"]
+            "train.log_every=5", "train.checkpoint_every=10", "train.sequence.item_softmax=trie",
+            "train.sequence.item_loss=0.5"]
     for stage in ("prepare", "train-baseline", "build-ids", "build-samples", "train"):
         assert main([stage, *args]) == 0
     logs = [json.loads(line) for line in (run_dir / "train" / "logs" / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in logs if "valid/NDCG@10" in r]
     assert [r["step"] for r in rounds] == [5, 10]
     assert max(r["valid/HR@10"] for r in rounds) > 0.0  # the beam search found targets among trie items
+    trained = [r for r in logs if "loss" in r]
+    assert trained and all(r["objective/item_loss"] > 0 for r in trained)
     fmt = json.loads((run_dir / "model" / "prompt_format.json").read_text())
-    assert fmt["style"] == "sequence" and fmt["item_softmax"] == "trie"
+    assert fmt["style"] == "sequence" and fmt["item_softmax"] == "trie" and fmt["item_rerank"] == "flat"

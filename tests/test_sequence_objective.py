@@ -94,6 +94,38 @@ def test_trie_softmax_scores_each_code_over_its_prefix_children_by_hand():
     assert torch.count_nonzero(pred.grad[0, [4, 5, 6]]) == 3  # the cut item: its whole level
 
 
+def test_flat_item_loss_scores_whole_items_by_the_sum_of_their_code_rows_by_hand():
+    """train.sequence.item_loss: each position that predicts an item's first code also scores every item by the
+    state times the sum of its code rows; an item cut by the row's end, a gap in the positions, another task's
+    labels and an unknown code tuple are left out."""
+    from trainers.recipes.item_level_loss import ItemCodeIndex, item_level_loss, item_starts
+
+    # items: (1, 4), (1, 5), (2, 6); level 0 = tokens 1-2, level 1 = tokens 4-6; 9 = EOS
+    groups = [torch.tensor([1, 2]), torch.tensor([4, 5, 6])]
+    group_of = torch.full((10,), -1)
+    group_of[[1, 2]] = 0
+    group_of[[4, 5, 6]] = 1
+    items = ItemCodeIndex.build(torch.tensor([[1, 4], [1, 5], [2, 6]]), groups, 10)
+    assert items.rows(torch.tensor([[2, 6], [1, 5], [1, 4], [2, 4]])).tolist() == [2, 1, 0, -1]
+    # labels: (2, 6) (1, 5) EOS | (1, [gap] 4) | (2, 4): no such item | task 1's (1, 4) | a cut (1,
+    index = torch.tensor([0, 1, 2, 3, 4, 10, 12, 13, 14, 15, 16, 20])
+    target = torch.tensor([2, 6, 1, 5, 9, 1, 4, 2, 4, 1, 4, 1])
+    tasks = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0])
+    level = torch.where(tasks == 0, group_of[target], -1)
+    starts, rows = item_starts(index, target, level, items)
+    assert starts.tolist() == [0, 2] and rows.tolist() == [2, 1]
+    torch.manual_seed(0)
+    embed = torch.randn(10, 3)
+    states = torch.randn(12, 3)
+    vectors = embed[items.code_ids].sum(1)
+    by_hand = []
+    for at, row in zip(starts.tolist(), rows.tolist()):
+        logits = torch.stack([states[at] @ (embed[a] + embed[b]) for a, b in ([1, 4], [1, 5], [2, 6])])
+        by_hand.append(-(logits[row] - torch.logsumexp(logits, 0)))
+    assert item_level_loss(states[starts], rows, vectors).item() == pytest.approx(torch.stack(by_hand).mean().item(),
+                                                                                   rel=1e-5)
+
+
 def test_subtoken_ids_have_no_groups_and_score_the_whole_vocabulary():
     group_of, groups = token_groups(_Vocab(["a"]), [], 5)
     assert groups == [] and torch.all(group_of == -1)
@@ -171,3 +203,79 @@ def test_the_saved_prompt_format_tells_inference_what_the_item_softmax_was(objec
     cfg = load_config(None, ["data.path=data/scientific", "data.name=Scientific", f"train.objective={objective}",
                              f"ids.scheme={scheme}", f"samples.tasks={tasks}"] + softmax)
     assert item_softmax(cfg) == expected
+
+
+def test_flat_rerank_orders_beam_items_by_code_log_probability_plus_the_flat_logit_by_hand():
+    """PromptFormat.item_rerank=flat (train.sequence.item_loss > 0): beam search's items are re-ordered by their
+    beam score plus the prompt's last state times the sum of their code rows; padding (-1) stays last."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ranking.topk_scorer import flat_rerank
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=12, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(20)  # flat logits of the beam scores' size
+    code_token_ids = torch.tensor([[3, 6], [3, 7], [4, 8], [5, 9]])  # item_id r: codes row r
+    prompts = [[1, 3, 6], [1, 4, 8, 3, 7]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    scorer = SimpleNamespace(model=model, code_token_ids=code_token_ids, _encode=lambda users, histories: (ids, mask))
+    items = torch.tensor([[0, 2, 3, -1], [1, 3, 0, 2]])
+    scores = torch.tensor([[-1.0, -1.1, -1.2, float("-inf")], [-0.5, -2.0, -2.1, -3.0]])
+    ranked, combined = flat_rerank(scorer, None, None, items, scores)
+    embed = model.get_input_embeddings().weight.detach()
+    reordered = []
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            last = model(input_ids=torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0, -1]
+        by_hand = {int(i): float(s) + float(last @ embed[code_token_ids[i]].sum(0))
+                   for i, s in zip(items[row], scores[row]) if i >= 0}
+        expected = sorted(by_hand, key=lambda i: -by_hand[i])
+        reordered.append(expected != [int(i) for i in items[row] if i >= 0])
+        assert ranked[row, :len(expected)].tolist() == expected
+        assert combined[row, :len(expected)].tolist() == pytest.approx([by_hand[i] for i in expected], rel=1e-4)
+    assert ranked[0, -1] == -1 and combined[0, -1] == float("-inf")
+    assert any(reordered)  # the flat logit changed the beam's order somewhere, so the check above has teeth
+
+
+def test_subtoken_sequences_prompt_and_trie_read_items_as_training_tokenised_them(tmp_path):
+    """Sub-token IDs in the sequence style: a sample is its items' texts joined by ', ', tokenised as one text,
+    where a BPE tokenizer moves the separator's space into the next item's first token. The inference prompt
+    (history + separator) followed by the trie's tokens for the next item, then the trie's end token, must be
+    exactly the tokens training saw."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from data_pipeline.samples.prompt_format import PromptFormat, format_for_task
+    from ranking.user_prompts import PromptBuilder
+    from tests.toy_run import stage, write_raw
+    from trainers.models import TINY_TOKENIZER_DIR
+
+    sequences = {str(u): [(7 * u + 3 * k) % 120 for k in range(5)] for u in range(40)}  # 1-3 digit item ids
+    run_dir = tmp_path / "run"
+    assert stage("prepare", run_dir, f"data.path={write_raw(tmp_path / 'raw', sequences)}", "data.name=Toy") == 0
+    for command in ("build-ids", "build-samples"):
+        assert stage(command, run_dir, "ids.scheme=subtoken", "ids.user_tokens=true", "infer.scorer=beam",
+                     "samples.tasks=[user_sequence]") == 0
+    tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
+    prompts = PromptBuilder(str(run_dir), 120, 40, 50, prompt_format=PromptFormat("sequence", 50))
+    separator, item_tokens = prompts.joined_items(tok)
+    assert prompts.joiner == ", " and item_tokens[17] != tok("item_17", add_special_tokens=False)["input_ids"]
+    samples = pq.read_table(run_dir / "samples" / "train").to_pylist()
+    names = {name: i for i, name in enumerate(prompts.item_names)}
+    checked = 0
+    for sample in samples[:20]:
+        items = [names[n] for n in sample["response"].split(", ")]
+        ids, _ = format_for_task("user_sequence").sample_ids(tok, "", sample["response"], 512)
+        prompt = prompts.prompt_ids(tok, [0], [items[:-1]])[0]
+        assert prompt + item_tokens[items[-1]] + [tok.eos_token_id] == ids
+        if len(items) > 2:  # mid-sequence an item ends where the separator (the trie's end token) starts
+            inner = prompts.prompt_ids(tok, [0], [items[:-2]])[0] + item_tokens[items[-2]] + [separator[0]]
+            assert ids[:len(inner)] == inner
+            checked += 1
+    assert checked

@@ -54,7 +54,7 @@ def training_inputs(cfg) -> dict:
         style="sequence" if sequence else "instruction",
         max_history=manifest["config"].get("max_sequence_items", 50) if sequence
         else manifest["config"]["max_history_in_prompt"],
-        item_softmax=item_softmax(cfg))
+        item_softmax=item_softmax(cfg), item_rerank=item_rerank(cfg))
     token_texts = None
     if cfg.model.new_token_init == "text":
         items = storage.read_parquet(layout.items, ["item_id", "title"])
@@ -74,6 +74,14 @@ def item_softmax(cfg) -> str:
 
     rule = getattr(objective_class(cfg.train.objective), "item_softmax", None)
     return rule(cfg) if rule is not None else "vocabulary"
+
+
+def item_rerank(cfg) -> str:
+    """Whether beam search adds the flat item score the objective trained (``PromptFormat.item_rerank``)."""
+    from trainers.recipes.registry import objective_class
+
+    rule = getattr(objective_class(cfg.train.objective), "item_rerank", None)
+    return rule(cfg) if rule is not None else "none"
 
 
 def collaborative_vectors(cfg, run_dir: str, new_tokens: list[str]) -> dict[str, np.ndarray]:

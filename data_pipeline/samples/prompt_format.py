@@ -16,6 +16,7 @@ from data_pipeline.errors import DataError
 PROMPT_FORMAT_FILE = "prompt_format.json"
 STYLES = ("instruction", "sequence")
 ITEM_SOFTMAXES = ("vocabulary", "per_level", "trie")
+ITEM_RERANKS = ("none", "flat")
 SEQUENCE_TASKS = ("user_sequence",)
 """Tasks whose samples are item sequences with no frame; every other task is framed as an instruction."""
 
@@ -46,6 +47,10 @@ class PromptFormat:
     """What an item code token's probability was trained against, so what beam search normalises over:
     vocabulary (next-token loss) | per_level (the sequence objective: a softmax over that code level's tokens) |
     trie (the sequence objective: a softmax over the children of the item's code prefix)."""
+    item_rerank: str = "none"
+    """How beam search orders the items it found: none (by their code log-probability) | flat (plus the flat item
+    score the sequence objective trained with ``train.sequence.item_loss``: the prompt's last state times the
+    sum of the item's code rows)."""
 
     def frame(self, prompt: str) -> str:
         return f"{prompt}\nAnswer: " if self.style == "instruction" else prompt
@@ -62,9 +67,15 @@ class PromptFormat:
         framed = self.frame(prompt)
         prompt_ids = tokenizer(framed, add_special_tokens=False)["input_ids"] if framed else []
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        if self.style == "sequence":
-            response_ids = response_ids[-max(seq_len - len(head) - len(prompt_ids) - 2, 1):]  # fit_sample keeps 1 free
+        response_ids = self.recent_response(response_ids, len(head), len(prompt_ids), seq_len)
         return fit_sample(head, prompt_ids, response_ids, tokenizer.eos_token_id, seq_len)
+
+    def recent_response(self, response: list, head_len: int, prompt_len: int, seq_len: int) -> list:
+        """A sequence's response keeps its most recent tokens when the sample is too long (``fit_sample`` then
+        keeps its start); an instruction's is left to ``fit_sample``. Works on any per-token list."""
+        if self.style != "sequence":
+            return response
+        return response[-max(seq_len - head_len - prompt_len - 2, 1):]  # fit_sample keeps 1 free
 
     def prompt_ids(self, tokenizer, prompts: list[str], max_prompt_tokens: int | None = None) -> list[list[int]]:
         """Token ids of inference prompts as training saw them: head + framed prompt, cut from the left to
@@ -94,6 +105,8 @@ class PromptFormat:
         if fields.get("item_softmax", "vocabulary") not in ITEM_SOFTMAXES:
             raise DataError(uri, f"{fields['item_softmax']!r}; expected one of {list(ITEM_SOFTMAXES)}",
                             field="item_softmax")
+        if fields.get("item_rerank", "none") not in ITEM_RERANKS:
+            raise DataError(uri, f"{fields['item_rerank']!r}; expected one of {list(ITEM_RERANKS)}", field="item_rerank")
         return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls) if f.name in fields})
 
 

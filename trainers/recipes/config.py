@@ -20,8 +20,15 @@ class SequenceConfig:
     constrained decoder, a hierarchical softmax that spends nothing on codes its prefix already decides). Beam
     search reads the model the same way. Atomic IDs: the two are the same softmax over item tokens."""
 
+    item_loss: float = 0.0
+    """Weight of a flat item softmax beside the codes (semantic IDs only; 0: off). At each position that predicts
+    an item's first code, every item is scored by the hidden state times the sum of its code rows (no new
+    parameters), and the cross-entropy against the item that follows is added with this weight. It teaches the
+    states to separate whole items, not only code prefixes. Costs an [items x hidden] product per micro-step."""
+
     def check(self) -> list[str]:
-        return choice("item_softmax", self.item_softmax, SEQUENCE_SOFTMAXES)
+        return choice("item_softmax", self.item_softmax, SEQUENCE_SOFTMAXES) + positive(
+            "item_loss", self.item_loss, allow_zero=True)
 
 
 @dataclass

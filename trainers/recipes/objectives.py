@@ -21,6 +21,7 @@ from ranking.code_trie import CodeTrie
 from ranking.constrained_beam_search import build_token_trie
 from trainers.recipes.contrastive_losses import hfm_loss, icl_loss, icl_weight, mean_pool
 from trainers.recipes.controlrec_data import ControlRecData
+from trainers.recipes.item_level_loss import ItemCodeIndex, item_level_loss, item_starts
 from trainers.recipes.registry import ObjectiveContext, objective_class, register_objective
 from trainers.recipes.restricted_softmax import (grouped_token_loss, labelled_positions, mutual_regularization,
                                                  restricted_token_loss, token_groups)
@@ -59,16 +60,23 @@ class SFTObjective:
         return loss, per_task, {}
 
 
-def _head_at_labels(model, batch, device):
-    """(logits [N, V] at the N positions that predict a label, their targets, their tasks). The head runs only
-    where a label is predicted: with a token per item the vocabulary is large, and logits for every packed
-    position would cost more than the rest of the model."""
+def _states_at_labels(model, batch, device):
+    """(last hidden states [N, H] at the N positions that predict a label, their flat positions, targets,
+    tasks)."""
     out = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False,
                 output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1]
     index, target, tasks = labelled_positions(batch.labels.to(device), batch.task_ids.to(device))
+    return hidden[:, :-1, :].reshape(-1, hidden.shape[-1])[index], index, target, tasks
+
+
+def _head_at_labels(model, batch, device):
+    """(logits [N, V] at the N positions that predict a label, their targets, their tasks). The head runs only
+    where a label is predicted: with a token per item the vocabulary is large, and logits for every packed
+    position would cost more than the rest of the model."""
+    states, _, target, tasks = _states_at_labels(model, batch, device)
     net = model.module if hasattr(model, "module") else model
-    return net.get_output_embeddings()(hidden[:, :-1, :].reshape(-1, hidden.shape[-1])[index]), target, tasks
+    return net.get_output_embeddings()(states), target, tasks
 
 
 @register_objective("sequence")
@@ -80,9 +88,10 @@ class SequenceObjective(SFTObjective):
     the full-vocabulary next-token loss, so the alignment tasks compose with it."""
 
     def __init__(self, num_tasks: int, sequence_task: int | None, group_of: torch.Tensor, groups: list[torch.Tensor],
-                 trie: CodeTrie | None = None):
+                 trie: CodeTrie | None = None, items: ItemCodeIndex | None = None, item_loss: float = 0.0):
         super().__init__(num_tasks)
         self.sequence_task, self.group_of, self.groups, self.trie = sequence_task, group_of, groups, trie
+        self.items, self.item_loss = items, item_loss
 
     @classmethod
     def build(cls, ctx: ObjectiveContext):
@@ -94,9 +103,14 @@ class SequenceObjective(SFTObjective):
         trie = None
         if ctx.train.sequence.item_softmax == "trie" and groups:
             trie = build_token_trie(RunLayout(ctx.run_dir).item_ids, ctx.tokenizer)
-        log.info("sequence objective: %d ID groups of sizes %s, item softmax %s", len(groups),
-                 [len(g) for g in groups], "trie" if trie is not None else "per_level")
-        return cls(len(ctx.tasks), task, group_of, groups, trie)
+        items, item_loss = None, ctx.train.sequence.item_loss
+        if item_loss > 0 and len(groups) > 1 and task is not None:
+            code_ids = torch.tensor([ctx.tokenizer.convert_tokens_to_ids(list(t)) for t in token_seqs])
+            items = ItemCodeIndex.build(code_ids, groups, len(ctx.tokenizer))
+        log.info("sequence objective: %d ID groups of sizes %s, item softmax %s, flat item loss %s", len(groups),
+                 [len(g) for g in groups], "trie" if trie is not None else "per_level",
+                 item_loss if items is not None else "off")
+        return cls(len(ctx.tasks), task, group_of, groups, trie, items, item_loss)
 
     @staticmethod
     def item_softmax(root) -> str:
@@ -106,17 +120,34 @@ class SequenceObjective(SFTObjective):
         return "vocabulary" if root.ids.scheme == "subtoken" else root.train.sequence.item_softmax
 
     @staticmethod
+    def item_rerank(root) -> str:
+        """With the flat item loss on, beam search orders its items by code log-probability plus the flat score."""
+        return "flat" if root.train.sequence.item_loss > 0 else "none"
+
+    @staticmethod
     def check(root) -> list[str]:
         if "user_sequence" not in root.samples.tasks:
             return [f"train.objective: 'sequence' trains on the user_sequence task; samples.tasks is "
                     f"{root.samples.tasks}"]
+        if root.train.sequence.item_loss > 0 and root.ids.scheme != "semantic":
+            return [f"train.sequence.item_loss: the flat item softmax beside the codes needs several codes per item "
+                    f"(ids.scheme=semantic), got {root.ids.scheme!r}; atomic IDs already have one softmax over items"]
         return []
 
     def loss(self, model, batch, step: int, device):
-        pred, target, tasks = _head_at_labels(model, batch, device)
-        loss, per_task = grouped_token_loss(pred, target, tasks, self.num_tasks, self.sequence_task, self.group_of,
-                                            self.groups, self.trie)
-        return loss, per_task, {}
+        states, index, target, tasks = _states_at_labels(model, batch, device)
+        net = model.module if hasattr(model, "module") else model
+        loss, per_task = grouped_token_loss(net.get_output_embeddings()(states), target, tasks, self.num_tasks,
+                                            self.sequence_task, self.group_of, self.groups, self.trie)
+        if self.items is None:
+            return loss, per_task, {}
+        level = torch.where(tasks == self.sequence_task, self.group_of.to(target.device)[target], -1)
+        starts, rows = item_starts(index, target, level, self.items)
+        if len(starts) == 0:
+            return loss, per_task, {}
+        vectors = net.get_input_embeddings()(self.items.code_ids.to(target.device)).sum(1)
+        term = item_level_loss(states[starts], rows, vectors)
+        return loss + self.item_loss * term, per_task, {"item_loss": term.item()}
 
 
 @register_objective("controlrec")
