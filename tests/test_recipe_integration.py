@@ -29,15 +29,18 @@ def _digests(run_dir: Path) -> list[str]:
 
 def test_controlrec_recipe_trains_with_every_component(tmp_path, ray_local):
     config = str(REPO / "configs" / "controlrec_scientific.yaml")
-    args = [f"run_dir={tmp_path}", *SHORT, "train.controlrec.hfm_negatives=3", "train.controlrec.icl_anchors=4"]
+    args = [f"run_dir={tmp_path}", *SHORT, "train.controlrec.hfm_negatives=3", "train.controlrec.icl_anchors=4",
+            "train.eval_every=8", "train.eval_users=100", "train.patience=0"]
     for stage in ("prepare", "build-ids", "build-samples", "train"):
         assert main([stage, config, *args]) == 0
-    logs = _metrics(tmp_path)
+    rounds = [m for m in _metrics(tmp_path) if "valid/NDCG@10" in m]
+    assert [m["step"] for m in rounds] == [8, 16]  # the sub-token trie's beam search on valid users
+    logs = [m for m in _metrics(tmp_path) if "loss" in m]
     weights = [m["objective/icl_weight"] for m in logs]
     assert weights == sorted(weights) and weights[0] < weights[-1] <= 1.0  # lambda_t grows over the run
     for key in ("objective/hfm/item_description", "objective/hfm/sequence_prediction", "objective/icl"):
         assert all(m[key] > 0 for m in logs), key
-    assert logs[-1]["loss/sequential"] < logs[0]["loss/sequential"]
+    assert logs[-1]["loss/user_sequence"] < logs[0]["loss/user_sequence"]  # sequence-level: every item's pieces
     a, b = _digests(tmp_path)
     assert a == b  # the replicas stayed in sync through the extra forward passes
 

@@ -204,6 +204,12 @@ def test_tokenize_with_entities_matches_plain_tokenization():
     assert named == {item_key(1471), item_key(23), item_key(9), item_key(1999)}
     pieces = [tok.decode([t]) for t, k in zip(ids, ents) if k == item_key(1471)]
     assert "".join(pieces).strip() == "item_1471"
+    # a user_sequence sample: unframed, and cut to its most recent items, as the sequence objective reads it
+    sequence = ", ".join(f"item_{i}" for i in range(1990, 2000))
+    for seq_len in (128, 16):
+        ids, n_prompt, ents = tokenize_with_entities(tok, "", sequence, seq_len, index, "user_sequence")
+        assert (ids, n_prompt) == tokenize_sample(tok, "", sequence, seq_len, "user_sequence")
+        assert len(ents) == len(ids) and ents[-2] == item_key(1999)  # the last item, before EOS
 
 
 def test_packer_carries_entities_and_keeps_them_on_resume():

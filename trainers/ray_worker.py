@@ -44,7 +44,8 @@ def tokenizing_transform(tokenizer, tasks: list[str], seq_len: int, entity_index
             else:
                 from trainers.recipes.visibility import tokenize_with_entities
 
-                tokens, n_prompt, ents = tokenize_with_entities(tokenizer, prompt, response, seq_len, entity_index)
+                tokens, n_prompt, ents = tokenize_with_entities(tokenizer, prompt, response, seq_len,
+                                                                entity_index, task)
                 entities.append(ents)
             ids.append(tokens)
             prompt_lens.append(n_prompt)

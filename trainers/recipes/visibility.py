@@ -161,17 +161,23 @@ def visibility_mask_mod(position_ids: torch.Tensor, entity_ids: torch.Tensor, gr
 
 
 def tokenize_with_entities(tokenizer, prompt: str, response: str, seq_len: int,
-                           index: EntityIndex) -> tuple[list[int], int, list[int]]:
-    """``packing.tokenize_sample`` plus the entity key of every token (same ids, same cuts)."""
-    from data_pipeline.samples.prompt_format import PromptFormat, fit_sample
+                           index: EntityIndex, task: str = "") -> tuple[list[int], int, list[int]]:
+    """``packing.tokenize_sample`` plus the entity key of every token (same ids, same cuts, the format of
+    ``task``: a user_sequence sample is unframed and keeps its most recent items)."""
+    from data_pipeline.samples.prompt_format import fit_sample, format_for_task
 
     def encode(text: str) -> tuple[list[int], list[int]]:
+        if not text:
+            return [], []
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return enc["input_ids"], token_entities(enc["offset_mapping"], index.spans(text))
 
-    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_ids, prompt_ents = encode(PromptFormat().frame(prompt))
+    fmt = format_for_task(task)
+    head = fmt.head(tokenizer)
+    prompt_ids, prompt_ents = encode(fmt.frame(prompt))
     response_ids, response_ents = encode(response)
+    response_ids = fmt.recent_response(response_ids, len(head), len(prompt_ids), seq_len)
+    response_ents = fmt.recent_response(response_ents, len(head), len(prompt_ids), seq_len)
     ids, n_prompt = fit_sample(head, prompt_ids, response_ids, tokenizer.eos_token_id, seq_len)
     entities, _ = fit_sample([0] * len(head), prompt_ents, response_ents, 0, seq_len)
     return ids, n_prompt, entities
