@@ -69,7 +69,9 @@ class RecllmConfig:
 
     def baseline_readers(self) -> dict[str, str]:
         """The listed stages that read run_dir/baseline/, each with the setting that makes it read it."""
-        reads = {"build-ids": "ids.scheme=semantic" if self.ids.scheme == "semantic" else "",
+        reads = {"build-ids": ("ids.scheme=semantic" if self.ids.scheme == "semantic" else
+                               "ids.subtoken_numbers=collaborative" if self.ids.scheme == "subtoken"
+                               and self.ids.subtoken_numbers == "collaborative" else ""),
                  "train": ("model.new_token_init=collab" if self.model.new_token_init == "collab"
                            and self.ids.scheme != "semantic" else ""),  # semantic: the codebook in item_ids/
                  "evaluate": "eval.baseline=true" if self.eval.baseline else ""}

@@ -32,7 +32,8 @@ def train_baseline(cfg) -> None:
 
 def build_ids(cfg) -> None:
     """The data stage gets what comes from a model: the LM's tokenizer (subtoken), its text embedder (semantic's
-    LLM alignment, built on first use) and the settings its baseline must have been trained with (semantic)."""
+    LLM alignment, built on first use) and the settings its baseline must have been trained with (semantic, and
+    subtoken with collaborative numbers)."""
     from data_pipeline.baseline_files import baseline_settings
     from data_pipeline.item_ids.build_ids import run_build_ids
     from trainers.lm_text_embedder import lm_text_embedder

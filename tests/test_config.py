@@ -73,6 +73,8 @@ def test_every_field_of_every_section_has_a_docstring():
      "stages: evaluate (eval.baseline=true) reads run_dir/baseline/ after prepare writes a new dataset/"),
     (["stages=[prepare,build-ids,train-baseline]", "ids.scheme=semantic"],
      "stages: build-ids (ids.scheme=semantic) reads run_dir/baseline/ before train-baseline writes it"),
+    (["stages=[prepare,build-ids,train-baseline]", "ids.scheme=subtoken", "ids.subtoken_numbers=collaborative"],
+     "stages: build-ids (ids.subtoken_numbers=collaborative) reads run_dir/baseline/ before train-baseline writes"),
     (["stages=[train-baseline,prepare]"], "stages: train-baseline before prepare trains on the previous dataset/"),
     (["stages=[prepare,build-ids,build-samples,train]", "model.new_token_init=collab"],
      "stages: train (model.new_token_init=collab) reads run_dir/baseline/ after prepare writes a new dataset/"),

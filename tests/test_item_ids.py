@@ -375,3 +375,30 @@ def test_build_ids_is_a_stage_after_prepare(tiny_run, capsys):
     assert "item ids: atomic scheme, 200 items" in capsys.readouterr().out
     cfg = load_config(str(REPO / "configs" / "alignment_sft.yaml"), ["ids.scheme=precomputed", "ids.levels=3", "baseline.epochs=5"])
     assert cfg.ids.scheme == "precomputed" and cfg.ids.levels == 3 and cfg.baseline.epochs == 5
+
+
+def test_collaborative_subtoken_numbers_give_similar_items_neighbouring_numbers(tiny_run):
+    """Numbered by the k-means tree of their vectors, each topic's items take one contiguous run of numbers
+    (catalogue ids interleave the topics), every number has the same digit count, and the seed fixes them."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(REPO / "trainers" / "assets" / "tiny_tokenizer"))
+    cfg = IdsConfig(scheme="subtoken", subtoken_numbers="collaborative")
+    assert cfg.check() == []
+    vectors = _behaviour_embeddings(tiny_run)
+    stats = run_build_ids(cfg, str(tiny_run), seed=3, tokenizer=tokenizer, item_embeddings=vectors)
+    table = read_item_codes(str(tiny_run / "item_ids"))
+    texts = table.column("text").to_pylist()
+    numbers = np.array([int(t.removeprefix("item_")) for t in texts])
+    assert stats["numbers"] == "collaborative" and len(set(numbers)) == len(numbers) == table.num_rows
+    assert {len(str(n)) for n in numbers} == {3} and numbers.min() == 100  # 190 items -> 100..289
+    sources = table.column("source_id").to_pylist()
+    for topic in range(NUM_TOPICS):
+        mine = np.sort(numbers[[_topic(int(s)) == topic for s in sources]])
+        assert mine[-1] - mine[0] + 1 == len(mine), f"topic {topic} is split: {mine.tolist()}"
+    for codes, text in zip(table.column("codes").to_pylist(), texts):
+        assert tokenizer.decode(codes) == text
+    run_build_ids(cfg, str(tiny_run), seed=3, tokenizer=tokenizer, item_embeddings=vectors)
+    assert read_item_codes(str(tiny_run / "item_ids")).column("text").to_pylist() == texts
+    assert any("subtoken_numbers: 'collaborative' is only read by scheme subtoken" in p
+               for p in IdsConfig(scheme="semantic", subtoken_numbers="collaborative").check())

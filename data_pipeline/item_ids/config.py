@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from data_pipeline.config_schema import choice, positive
 
 SCHEMES = ("atomic", "subtoken", "semantic", "precomputed")
+SUBTOKEN_NUMBERS = ("catalogue", "collaborative")
 MAX_LEVELS = 26
 """Semantic tokens are named <a_12>, <b_7>, ...: one letter per level."""
 
@@ -22,6 +23,8 @@ class IdsConfig:
     """atomic: also add one token per user, <user_N> (CLLM4Rec); false names items only, and prompts say 'the user'."""
     content_tokens: bool = False
     """atomic: also add a content twin per item and user, <text_item_N> / <text_user_N>, for CLLM4Rec's content LM (tied to <item_N> by mutual regularization)."""
+    subtoken_numbers: str = "catalogue"
+    """subtoken: catalogue (item_<dense id>) | collaborative (numbers follow a k-means tree of the baseline's SASRec item vectors, so similar items share leading digits; reads run_dir/baseline/)."""
     seed: int | None = None
     """Seed of the quantiser (k-means, initialisation, batch order); empty uses the run's seed."""
     levels: int = 4
@@ -56,7 +59,11 @@ class IdsConfig:
     """precomputed: the <name>.index.json to import; empty uses <source path>/<name>.index.json from the dataset manifest."""
 
     def check(self) -> list[str]:
-        problems = choice("scheme", self.scheme, SCHEMES)
+        problems = choice("scheme", self.scheme, SCHEMES) + choice("subtoken_numbers", self.subtoken_numbers,
+                                                                    SUBTOKEN_NUMBERS)
+        if self.subtoken_numbers != "catalogue" and self.scheme != "subtoken":
+            problems.append(f"subtoken_numbers: {self.subtoken_numbers!r} is only read by scheme subtoken, got "
+                            f"scheme {self.scheme!r}")
         if self.content_tokens and self.scheme != "atomic":
             problems.append(f"content_tokens: true needs scheme atomic (content twins of <item_N>), got {self.scheme!r}")
         for name in ("levels", "codes", "latent_dim", "epochs", "batch_size", "kmeans_sample", "lr",
