@@ -29,10 +29,14 @@ def _digests(run_dir: Path) -> list[str]:
 
 def test_controlrec_recipe_trains_with_every_component(tmp_path, ray_local):
     config = str(REPO / "configs" / "controlrec_scientific.yaml")
-    args = [f"run_dir={tmp_path}", *SHORT, "train.controlrec.hfm_negatives=3", "train.controlrec.icl_anchors=4",
-            "train.eval_every=8", "train.eval_users=100", "train.patience=0"]
-    for stage in ("prepare", "build-ids", "build-samples", "train"):
+    args = [f"run_dir={tmp_path}", *SHORT, "train.controlrec.hfm=true", "train.controlrec.icl=true",
+            "train.controlrec.hfm_negatives=3", "train.controlrec.icl_anchors=4", "train.eval_every=8",
+            "train.eval_users=100", "train.patience=0", "baseline.hidden_size=16", "baseline.epochs=2"]
+    for stage in ("prepare", "train-baseline", "build-ids", "build-samples", "train"):
         assert main([stage, config, *args]) == 0
+    names = pq.read_table(tmp_path / "item_ids" / "item_codes.parquet").column("text").to_pylist()
+    numbers = [int(name.removeprefix("item_")) for name in names]
+    assert sorted(numbers) == list(range(1000, 1000 + len(numbers)))  # collaborative: one run of 4-digit numbers
     rounds = [m for m in _metrics(tmp_path) if "valid/NDCG@10" in m]
     assert [m["step"] for m in rounds] == [8, 16]  # the sub-token trie's beam search on valid users
     logs = [m for m in _metrics(tmp_path) if "loss" in m]
