@@ -143,9 +143,9 @@ def run_build_ids(ids: IdsConfig, run_dir: str, seed: int = 0, *, tokenizer=None
 
     ``seed`` is the run's seed (``ids.seed`` overrides it for the quantiser). Inputs from the model layer:
     ``tokenizer`` (subtoken needs it), ``text_embedder`` (semantic's LLM alignment; without it alignment is
-    skipped, with a note). Semantic (and subtoken with collaborative numbers) reads the item embeddings of
-    run_dir/baseline/, checked against
-    ``baseline_settings`` when given; ``item_embeddings`` replaces them (tests, benches).
+    skipped, with a note). Semantic, and subtoken with collaborative numbers, read the item embeddings of
+    run_dir/baseline/, checked against ``baseline_settings`` when given; ``item_embeddings`` replaces them
+    (tests, benches).
     """
     start = time.perf_counter()
     layout = RunLayout(run_dir)
@@ -164,9 +164,8 @@ def run_build_ids(ids: IdsConfig, run_dir: str, seed: int = 0, *, tokenizer=None
                                      "none (LLaMA-2 sizes have one only with model.checkpoint)")
         vectors = None
         if ids.subtoken_numbers == "collaborative":
-            if item_embeddings is None:
-                item_embeddings, _ = _baseline_embeddings(run_dir, items.num_rows, baseline_settings)
-            vectors = item_embeddings
+            vectors = (item_embeddings if item_embeddings is not None
+                       else _baseline_embeddings(run_dir, items.num_rows, baseline_settings)[0])
         built = build_subtoken_ids(items, tokenizer, vectors, seed)
     elif ids.scheme == "precomputed":
         built = build_precomputed_ids(items, ids.index_path or index_path_from_manifest(manifest, dataset_dir))
