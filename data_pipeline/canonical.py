@@ -59,26 +59,43 @@ def _rows_to_table(users: list[int], histories: list[list[int]], targets: list[i
                      "target": pa.array(targets, pa.int64())}, schema=SEQUENCE_SCHEMA)
 
 
-def leave_last_out(seqs: dict[int, np.ndarray], max_history: int) -> dict[str, pa.Table]:
+def leave_last_out(seqs: dict[int, np.ndarray], max_history: int,
+                   cold: np.ndarray | None = None) -> dict[str, pa.Table]:
     """Per user: last item -> test, second-to-last -> valid, every earlier prefix -> train.
 
     Users with fewer than 3 items keep them all for training (SASRec's convention) and get no valid/test row.
+    ``cold`` (bool per item_id) marks held-out new items: they are dropped from the train sequence and from every
+    history, so they appear only as valid/test targets; a valid/test row left with no history is dropped.
     """
     out = {s: ([], [], []) for s in ("train", "valid", "test")}
     for user, seq in seqs.items():
         seq = seq.tolist()
         n = len(seq)
-        train_end = n - 2 if n >= 3 else n
-        for t in range(1, train_end):
+        train = seq[:n - 2] if n >= 3 else seq
+        if cold is not None:
+            train = [item for item in train if not cold[item]]
+        for t in range(1, len(train)):
             out["train"][0].append(user)
-            out["train"][1].append(seq[max(0, t - max_history):t])
-            out["train"][2].append(seq[t])
+            out["train"][1].append(train[max(0, t - max_history):t])
+            out["train"][2].append(train[t])
         if n >= 3:
-            for split, t in (("valid", n - 2), ("test", n - 1)):
-                out[split][0].append(user)
-                out[split][1].append(seq[max(0, t - max_history):t])
-                out[split][2].append(seq[t])
+            valid_target, test_target = seq[n - 2], seq[n - 1]
+            before_test = train if cold is not None and cold[valid_target] else train + [valid_target]
+            for split, history, target in (("valid", train, valid_target), ("test", before_test, test_target)):
+                if history:
+                    out[split][0].append(user)
+                    out[split][1].append(history[-max_history:])
+                    out[split][2].append(target)
     return {s: _rows_to_table(*cols) for s, cols in out.items()}
+
+
+def draw_cold_items(num_items: int, fraction: float, seed: int) -> np.ndarray:
+    """Bool per item_id: a seeded ``fraction`` of the catalogue (rounded, at least one item when fraction > 0)."""
+    cold = np.zeros(num_items, dtype=bool)
+    if fraction > 0 and num_items:
+        count = min(num_items, max(1, round(fraction * num_items)))
+        cold[np.random.default_rng(seed).choice(num_items, count, replace=False)] = True
+    return cold
 
 
 def global_time(inter: pd.DataFrame, cfg: DataConfig) -> dict[str, pa.Table]:
@@ -136,10 +153,12 @@ def build_canonical(raw: RawDataset, cfg: DataConfig) -> CanonicalDataset:
     else:
         for name in ITEM_TEXT_FIELDS:
             items[name] = None
+    cold = draw_cold_items(len(item_order), cfg.cold_items, cfg.cold_items_seed)
     item_table = pa.table({"item_id": pa.array(items["item_id"], pa.int64()),
                            "source_id": pa.array(items["source_id"].astype(str), pa.string()),
                            **{n: pa.array(items[n].astype(object).where(items[n].notna(), None), pa.string())
-                              for n in ITEM_TEXT_FIELDS}})
+                              for n in ITEM_TEXT_FIELDS},
+                           "cold": pa.array(cold, pa.bool_())})
     n_per_user = inter.groupby("user_id").size()
     user_table = pa.table({"user_id": pa.array(np.arange(len(user_order)), pa.int64()),
                            "source_id": pa.array(user_order, pa.string()),
@@ -173,9 +192,9 @@ def build_canonical(raw: RawDataset, cfg: DataConfig) -> CanonicalDataset:
     else:
         grouped = inter.groupby("user_id", sort=True)["item_id"]
         seqs = {int(u): g.to_numpy() for u, g in grouped}
-        sequences = leave_last_out(seqs, cfg.max_history)
+        sequences = leave_last_out(seqs, cfg.max_history, cold if cfg.cold_items else None)
     counts = {"users": user_table.num_rows, "items": item_table.num_rows, "interactions": inter_table.num_rows,
-              "dropped_users": int(dropped_users), "dropped_items": int(dropped_items),
+              "dropped_users": int(dropped_users), "dropped_items": int(dropped_items), "cold_items": int(cold.sum()),
               **{f"{s}_rows": t.num_rows for s, t in sequences.items()}}
     log.info("canonical dataset: %s", counts)
     return CanonicalDataset(item_table, user_table, inter_table, sequences, counts)

@@ -8,6 +8,8 @@ from data_pipeline.config_schema import choice, positive
 
 FORMATS = ("lcrec", "sasrec", "amazon_reviews", "minionerec", "parquet")
 SPLITS = ("leave_last_out", "global_time")
+ITEM_TEXT_FIELDS = ("title", "description", "brand", "categories")
+"""The item text a catalogue may carry, in items.parquet's column order."""
 
 
 @dataclass
@@ -38,6 +40,11 @@ class DataConfig:
     """Rows per Parquet row group: the unit the streaming reader schedules."""
     max_history: int = 50
     """Longest history kept in sequence rows (most recent items)."""
+    cold_items: float = 0.0
+    """Fraction of the catalogue held out as new items (leave_last_out): a seeded draw whose interactions enter no
+    train sequence and no history, kept only as valid/test targets, so the report can score items no model saw."""
+    cold_items_seed: int = 0
+    """Seed of the cold-item draw: the same seed holds out the same items."""
 
     def check(self) -> list[str]:
         problems = choice("format", self.format, FORMATS) + choice("split", self.split, SPLITS)
@@ -46,6 +53,12 @@ class DataConfig:
                             f"{self.test_time_quantile}; expected 0 < valid < test < 1")
         if self.rating_min >= self.rating_max:
             problems.append(f"rating_min: {self.rating_min} must be below rating_max {self.rating_max}")
+        if not 0 <= self.cold_items < 1:
+            problems.append(f"cold_items: {self.cold_items!r}; expected a fraction in [0, 1)")
+        elif self.cold_items and self.split != "leave_last_out":
+            problems.append(f"cold_items: {self.cold_items!r} needs split leave_last_out, not {self.split!r}")
+        elif self.cold_items and self.format == "minionerec":
+            problems.append("cold_items: format minionerec ships its own split rows; cold items cannot be held out")
         for name in ("min_user_interactions", "min_item_interactions", "num_shards", "row_group_size",
                      "max_history"):
             problems += positive(name, getattr(self, name))

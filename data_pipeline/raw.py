@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-ITEM_TEXT_FIELDS = ("title", "description", "brand", "categories")
+from data_pipeline.config import ITEM_TEXT_FIELDS  # noqa: F401  (re-exported: the importers read it here)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data_pipeline.config import ITEM_TEXT_FIELDS
 from data_pipeline.config_schema import choice, positive
 
 MODES = ("test", "nightly")
@@ -58,6 +59,18 @@ class EvalConfig:
     """Cut-offs for HR@K and NDCG@K."""
     baseline: bool = True
     """Score the run's SASRec baseline (run_dir/baseline/, from `recllm train-baseline`) on the same split."""
+    content_baseline: bool = True
+    """Score the TF-IDF content baseline too (item text vs the user's recent history) when the dataset has text."""
+    content_fields: list[str] = field(default_factory=lambda: ["title", "brand", "categories"])
+    """Item text fields the content baseline reads (chosen on Scientific's valid split)."""
+    content_history: int = 3
+    """The content baseline's query: the mean TF-IDF vector of the user's last this-many history items."""
 
     def check(self) -> list[str]:
-        return [] if self.ks and all(k > 0 for k in self.ks) else [f"ks: {self.ks}; expected positive cut-offs"]
+        problems = [] if self.ks and all(k > 0 for k in self.ks) else [f"ks: {self.ks}; expected positive cut-offs"]
+        unknown = [f for f in self.content_fields if f not in ITEM_TEXT_FIELDS]
+        if unknown or not self.content_fields:
+            problems.append(f"content_fields: {self.content_fields}; expected a non-empty list of {list(ITEM_TEXT_FIELDS)}")
+        if self.content_history < 1:
+            problems.append(f"content_history: {self.content_history}; expected a positive count")
+        return problems

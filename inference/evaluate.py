@@ -1,7 +1,9 @@
 """`recllm evaluate`: the last stage. Full-ranking HR@K / NDCG@K of the top-K cache against the test targets,
-invalid-item rate and catalogue coverage, next to most-popular and the run's SASRec baseline (read from
-run_dir/baseline/, which `recllm train-baseline` writes; evaluate never trains one) scored on the same split;
-writes run_dir/report/ (metrics.json, report.md, PNG plots).
+invalid-item rate and catalogue coverage, next to most-popular, the run's SASRec baseline (read from
+run_dir/baseline/, which `recllm train-baseline` writes; evaluate never trains one) and, when items have text, the
+TF-IDF content baseline, all scored on the same split. With cold items held out (``data.cold_items``) every model
+is also scored on the users whose target is a warm item and on those whose target is a cold one. Writes
+run_dir/report/ (metrics.json, report.md, PNG plots).
 """
 
 from __future__ import annotations
@@ -74,6 +76,37 @@ def most_popular(train: pa.Table, k: int) -> np.ndarray:
     return np.argsort(-counts, kind="stable")[:k]
 
 
+def content_baseline_topk(layout: RunLayout, histories: list[list[int]], k: int, ecfg, exclude_seen: bool) -> np.ndarray:
+    """Top-``k`` of the TF-IDF content baseline (``ranking.content_baseline``) for each history."""
+    from ranking.content_baseline import content_topk, item_documents, tfidf_item_vectors
+
+    items = storage.read_parquet(layout.items).sort_by("item_id")
+    documents = item_documents({f: items.column(f).to_pylist() for f in ecfg.content_fields}, ecfg.content_fields)
+    return content_topk(tfidf_item_vectors(documents), histories, k, ecfg.content_history, exclude_seen)
+
+
+def cold_item_mask(layout: RunLayout, num_items: int) -> np.ndarray | None:
+    """Bool per item_id of the items `prepare` held out as new (``data.cold_items``); None when there are none."""
+    items = storage.read_parquet(layout.items)
+    if "cold" not in items.column_names:
+        return None
+    mask = np.zeros(num_items, dtype=bool)
+    mask[items.column("item_id").to_numpy()] = items.column("cold").to_numpy(zero_copy_only=False)
+    return mask if mask.any() else None
+
+
+def group_metrics(lists: dict[str, np.ndarray], targets: np.ndarray, num_items: int, ks: list[int],
+                  cold: np.ndarray) -> dict:
+    """{"warm"|"cold": {"users", "models": {name: metrics}}}: each model scored on the users whose target is a
+    warm (resp. cold) item only, so a group's row averages over its own users."""
+    groups = {}
+    for name, rows in (("warm", ~cold[targets]), ("cold", cold[targets])):
+        groups[name] = {"users": int(rows.sum()),
+                        "models": {m: recllm_metrics(top[rows], targets[rows], num_items, ks) if rows.any() else {}
+                                   for m, top in lists.items()}}
+    return groups
+
+
 def run_evaluate(cfg) -> dict:
     from trainers.sasrec import load_sasrec, recommend_topk
 
@@ -89,24 +122,32 @@ def run_evaluate(cfg) -> dict:
 
     topk_manifest, topk = read_topk(layout.topk, run_dir, test.column("user_id").to_pylist())
     baseline = read_baseline(run_dir, baseline_settings(cfg.baseline, cfg.seed)) if ecfg.baseline else None
-    ours = topk_matrix(topk.column("item_ids").to_pylist(), kmax)
-    models = {"recllm": recllm_metrics(ours, targets, num_items, ecfg.ks)}
-    models["recllm"]["users_per_second"] = topk_manifest.get("users_per_second")
-
-    popular = most_popular(layout.read_sequences("train"), kmax)
-    models["popular"] = recllm_metrics(np.tile(popular, (len(targets), 1)), targets, num_items, ecfg.ks)
-
+    lists = {"recllm": topk_matrix(topk.column("item_ids").to_pylist(), kmax),
+             "popular": np.tile(most_popular(layout.read_sequences("train"), kmax), (len(targets), 1))}
+    seconds = {}
     if baseline is not None:
         t0 = time.perf_counter()
         base_items, _ = recommend_topk(load_sasrec(baseline_dir(run_dir)), histories, kmax,
                                        exclude_seen=cfg.infer.exclude_seen)
-        models["sasrec"] = recllm_metrics(base_items.numpy(), targets, num_items, ecfg.ks)
-        models["sasrec"]["seconds"] = round(time.perf_counter() - t0, 1)
+        lists["sasrec"] = base_items.numpy()
+        seconds["sasrec"] = round(time.perf_counter() - t0, 1)
+    if ecfg.content_baseline and manifest.get("has_text"):
+        t0 = time.perf_counter()
+        lists["content"] = content_baseline_topk(layout, histories, kmax, ecfg, cfg.infer.exclude_seen)
+        seconds["content"] = round(time.perf_counter() - t0, 1)
+    models = {name: recllm_metrics(top, targets, num_items, ecfg.ks) for name, top in lists.items()}
+    models["recllm"]["users_per_second"] = topk_manifest.get("users_per_second")
+    for name, s in seconds.items():
+        models[name]["seconds"] = s
 
     report = {"dataset": manifest["source"].get("name") or manifest["source"]["path"], "split": "test",
               "users": int(len(targets)), "items": num_items, "ks": ecfg.ks,
               "infer": {k: topk_manifest.get(k) for k in ("scorer", "top_k", "num_beams", "model_version")},
               "models": models}
+    cold = cold_item_mask(layout, num_items)
+    if cold is not None:
+        report["cold_items"] = int(cold.sum())
+        report["groups"] = group_metrics(lists, targets, num_items, ecfg.ks, cold)
     write_report(run_dir, report, baseline["losses"] if baseline else [])
     return report
 
@@ -180,5 +221,13 @@ def _markdown(report: dict) -> str:
              "| model | " + " | ".join(cols + extra) + " |", "|---" * (len(cols) + len(extra) + 1) + "|"]
     for name, m in report["models"].items():
         lines.append(f"| {name} | " + " | ".join(f"{m.get(c, float('nan')):.4f}" for c in cols + extra) + " |")
+    if "groups" in report:
+        lines += ["", f"Users by their target: {report['cold_items']:,} items were held out of training as new "
+                      "(`data.cold_items`); a row averages over its own users only.", "",
+                  "| users | model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+        for group, g in report["groups"].items():
+            for name, m in g["models"].items():
+                lines.append(f"| {group} ({g['users']:,}) | {name} | "
+                             + " | ".join(f"{m.get(c, float('nan')):.4f}" for c in cols) + " |")
     lines += ["", "![HR@K and NDCG@K](hr_ndcg_at_k.png)", "", "![Training loss](training_loss.png)", ""]
     return "\n".join(lines)

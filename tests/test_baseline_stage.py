@@ -95,7 +95,7 @@ def test_build_ids_and_evaluate_read_the_baseline_and_train_none(trained, monkey
     _fake_topk(trained)
     assert _run("evaluate", trained, "eval.ks=[1,5,10]") == 0
     report = json.loads((trained / "report" / "metrics.json").read_text())
-    assert set(report["models"]) == {"recllm", "popular", "sasrec"}
+    assert set(report["models"]) == {"recllm", "popular", "sasrec", "content"}  # the tiny items have text
     assert _snapshot(trained / "baseline") == before
 
 
