@@ -8,7 +8,8 @@ manifest, the sequence splits, the item codes and new tokens). Paths are ``stora
                                   sequences/{train,valid,test}/
       baseline/                   train-baseline (its files: baseline_files)
       item_ids/                   build-ids: item_codes.parquet, user_codes.parquet, tokens.json,
-                                  codebook.safetensors, stats.json
+                                  codebook.safetensors, text_vectors.safetensors, stats.json
+      cache/item_text/<key>       build-ids: the text reader's raw vectors, keyed by the texts and its weights
       samples/                    build-samples, build-review-samples: manifest.json, train/, valid/, test/
       train/                      train: Ray Train checkpoints, logs/metrics.jsonl, best/
       model/                      the exported model
@@ -43,6 +44,9 @@ USER_CODES_FILE = "user_codes.parquet"
 TOKENS_FILE = "tokens.json"
 CODEBOOK_FILE = "codebook.safetensors"
 STATS_FILE = "stats.json"
+TEXT_VECTORS_FILE = "text_vectors.safetensors"
+"""One tensor, ``text_vectors`` [num_items, dims]: row i is item_id i's whitened, unit-length text vector
+(zero for an item without text)."""
 ITEM_CODES_COLUMNS = ("item_id", "codes", "tokens")
 """What every reader of item_codes.parquet needs; ``text`` is there for the subtoken scheme only."""
 NO_DATASET = "no dataset; run `recllm prepare` first"
@@ -111,6 +115,14 @@ class RunLayout:
     @property
     def item_ids_stats(self) -> str:
         return self.path(ITEM_IDS_DIR, STATS_FILE)
+
+    @property
+    def text_vectors(self) -> str:
+        return self.path(ITEM_IDS_DIR, TEXT_VECTORS_FILE)
+
+    def text_vectors_cache(self, key: str) -> str:
+        """The reader's raw vectors for one (texts, weights, layer, tokens) key: reused by any later build-ids."""
+        return self.path("cache", "item_text", f"{key}.safetensors")
 
     # the later stages' folders
 

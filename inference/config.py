@@ -37,14 +37,26 @@ class InferConfig:
     """Never recommend an item already in the user's history."""
     max_history: int = 20
     """Most recent items put in the prompt (as in training)."""
+    text_weight: float | None = None
+    """multinomial with item text vectors (text.vectors): weight of the text expert, the cosine of each item's text
+    vector with the user's recent items'. Empty: the one of text_weights with the best NDCG@10 on the valid users
+    (train.eval_users of them, seeded) is chosen before scoring."""
+    text_weights: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0, 16.0])
+    """The text-expert weights tried on valid users when text_weight is empty."""
+    text_history: int = 3
+    """The text expert's query: the mean text vector of the user's last this-many history items."""
     model_dir: str = ""
     """Model folder (HF from_pretrained); empty: run_dir/model."""
 
     def check(self) -> list[str]:
         problems = choice("mode", self.mode, MODES) + choice("scorer", self.scorer, SCORERS)
         for name in ("top_k", "num_beams", "batch_size", "users_per_shard", "num_replicas", "cpus_per_replica",
-                     "max_history"):
+                     "max_history", "text_history"):
             problems += positive(name, getattr(self, name))
+        if self.text_weight is not None and self.text_weight < 0:
+            problems.append(f"text_weight: {self.text_weight}; expected >= 0 (or empty: chosen on valid)")
+        if not self.text_weights or any(w < 0 for w in self.text_weights):
+            problems.append(f"text_weights: {self.text_weights}; expected a non-empty list of weights >= 0")
         if self.scorer == "beam" and self.num_beams < self.top_k:
             problems.append(f"num_beams: {self.num_beams} < top_k {self.top_k}; beam search returns at most "
                             f"num_beams items")

@@ -8,6 +8,7 @@ topk/ is always the last complete run, whatever happens to this one.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,6 +35,8 @@ log = logging.getLogger("recllm.infer")
 def _settings(icfg, model_version: str) -> str:
     keys = {"mode": icfg.mode, "scorer": icfg.scorer, "top_k": icfg.top_k, "num_beams": icfg.num_beams,
             "exclude_seen": icfg.exclude_seen, "max_history": icfg.max_history, "model_version": model_version}
+    if icfg.text_weight is not None:  # a run with item text vectors: its weight and query change the lists
+        keys.update(text_weight=icfg.text_weight, text_history=icfg.text_history)
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -149,6 +152,13 @@ def run_infer(cfg) -> dict:
     users = ts.users_to_score(run_dir, icfg.mode)
     recent = ts.recent_users(run_dir, icfg.since) if icfg.since is not None else None
     model_version = _model_version(model_dir)
+    text_sweep: dict = {}
+    if icfg.scorer == "multinomial" and icfg.text_weight is None and storage.exists(layout.text_vectors):
+        from inference.text_weight import choose_text_weight
+
+        weight, text_sweep = choose_text_weight(cfg, model_dir, manifest["counts"]["items"],
+                                                manifest["counts"]["users"])
+        icfg = dataclasses.replace(icfg, text_weight=weight)
     settings = _settings(icfg, model_version)
     tasks = ts.plan_shards(users, icfg.users_per_shard, settings)
     publisher = storage.StagedFolder(topk_dir)
@@ -203,6 +213,9 @@ def run_infer(cfg) -> dict:
                "users_reused": int(sum(r["reused"] for r in results)), "seconds": round(seconds, 2),
                "users_per_second": round(scored / seconds, 2) if scored else None,
                "scorer": icfg.scorer, "top_k": icfg.top_k, "num_beams": icfg.num_beams}
+    if icfg.text_weight is not None:
+        summary["text"] = {"weight": icfg.text_weight, "history": icfg.text_history,
+                           "valid_ndcg10_by_weight": {str(w): round(v, 5) for w, v in text_sweep.items()}}
     ts.write_success(stage_dir, summary, unpublished(topk_dir))
     publish_staged(publisher, stage_dir)
     return summary

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from data_pipeline.config import DataConfig
 from data_pipeline.config_schema import load, positive
 from data_pipeline.item_ids.config import IdsConfig
+from data_pipeline.item_ids.text_config import TextConfig
 from data_pipeline.reviews.config import ReviewsConfig
 from data_pipeline.reviews.task_config import ReviewTasksConfig
 from data_pipeline.samples.config import SamplesConfig
@@ -33,6 +34,8 @@ class RecllmConfig:
     """The run's one SASRec: semantic IDs code its item embeddings, evaluate ranks with it (stage: train-baseline)."""
     ids: IdsConfig = field(default_factory=IdsConfig)
     """How the LM names items: atomic, subtoken, semantic or precomputed IDs (stage: build-ids)."""
+    text: TextConfig = field(default_factory=TextConfig)
+    """Item text read by a pretrained LM into one vector per item (stage: build-ids; used by infer's scorer)."""
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     """Training samples: tasks, negatives per positive, prompt templates (stage: build-samples)."""
     model: ModelConfig = field(default_factory=ModelConfig)

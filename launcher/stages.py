@@ -37,13 +37,17 @@ def build_ids(cfg) -> None:
     from data_pipeline.baseline_files import baseline_settings
     from data_pipeline.item_ids.build_ids import run_build_ids
     from trainers.lm_text_embedder import lm_text_embedder
+    from trainers.lm_text_vectors import lm_text_encoder, reader_fingerprint
     from trainers.models import load_tokenizer
 
-    ids = cfg.ids
+    ids, text = cfg.ids, cfg.text
     stats = run_build_ids(ids, cfg.run_dir, seed=cfg.seed,
                           tokenizer=load_tokenizer(cfg.model) if ids.scheme == "subtoken" else None,
                           text_embedder=lm_text_embedder(cfg.model, ids.llm_alignment_max_tokens),
-                          baseline_settings=baseline_settings(cfg.baseline, cfg.seed))
+                          baseline_settings=baseline_settings(cfg.baseline, cfg.seed), text=text,
+                          text_encoder=lm_text_encoder(text.reader, text.checkpoint, text.layer, text.max_tokens,
+                                                       text.batch_size),
+                          reader_id=lambda: reader_fingerprint(text.reader, text.checkpoint))
     after = stats.get("collisions", {}).get("after", {}).get("duplicate_codes", 0)
     print(f"item ids: {stats['scheme']} scheme, {stats['items']} items, {stats['new_tokens']} new tokens, "
           f"{after} collisions, {stats['total_seconds']}s -> {cfg.run_dir}/item_ids")

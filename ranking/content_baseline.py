@@ -12,11 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-
-def item_documents(columns: dict[str, list[str | None]], fields: Sequence[str]) -> list[str]:
-    """One document per item: its non-empty ``fields`` joined by newlines ('' for an item with none)."""
-    count = len(next(iter(columns.values()))) if columns else 0
-    return ["\n".join(v for f in fields if (v := columns[f][i])) for i in range(count)]
+from data_pipeline.item_ids.text_vectors import item_documents  # noqa: F401  (the baseline's documents)
 
 
 def tfidf_item_vectors(documents: Sequence[str]) -> sp.csr_matrix:

@@ -28,6 +28,7 @@ class TopKScorer:
         from ranking.user_prompts import PromptBuilder
 
         self.cfg, self.device, self.model, self.tokenizer = infer_cfg, device, model, tokenizer
+        self.text = None
         self.normaliser = prompt_format.item_softmax if prompt_format is not None else "vocabulary"
         self.rerank = prompt_format.item_rerank if prompt_format is not None else "none"
         self.model_version = ""
@@ -39,6 +40,7 @@ class TopKScorer:
             if any(len(s) != 1 for s in token_seqs):
                 raise ValueError("infer.scorer=multinomial needs one token per item (ids.scheme=atomic)")
             self.item_token_ids = torch.tensor([s[0] for s in token_seqs], dtype=torch.long)
+            self.text = _text_expert(run_dir, infer_cfg, len(self.items))
         else:
             needs_end = len({len(s) for s in token_seqs}) > 1
             end = self.tokenizer.eos_token_id
@@ -106,7 +108,7 @@ class TopKScorer:
             if self.cfg.scorer == "multinomial":
                 ids, mask = self._encode(u, h)
                 seen = [list(x) for x in h] if self.cfg.exclude_seen else None
-                idx, scores = multinomial_items(self, ids, mask, seen)
+                idx, scores = multinomial_items(self, ids, mask, seen, h)
                 items = self.items[idx.cpu().numpy()]
             else:
                 from ranking.constrained_beam_search import constrained_beam_search
@@ -126,11 +128,34 @@ class TopKScorer:
         return np.concatenate(out_items), np.concatenate(out_scores)
 
 
-def multinomial_items(scorer: TopKScorer, ids, mask, seen):
+def multinomial_items(scorer: TopKScorer, ids, mask, seen, histories):
     from ranking.multinomial_head import multinomial_topk
 
     # seen items are dense item_ids; the head indexes item_codes rows, which are in item_id order
-    return multinomial_topk(scorer.model, ids, mask, scorer.item_token_ids, scorer.cfg.top_k, seen)
+    text = scorer.text
+    item_scores = None if text is None else (lambda logits: text.scores(logits, histories))
+    return multinomial_topk(scorer.model, ids, mask, scorer.item_token_ids, scorer.cfg.top_k, seen, item_scores)
+
+
+def _text_expert(run_dir: str, infer_cfg, num_items: int):
+    """The text expert of ``ranking.text_expert`` when build-ids wrote item text vectors, else None. Items no train
+    sequence holds are the untrained ones; the weight is infer.text_weight (0 until `recllm infer` chooses it)."""
+    import safetensors.numpy
+
+    from ranking.text_expert import TextExpert, trained_items
+
+    layout = RunLayout(run_dir)
+    if not storage.exists(layout.text_vectors):
+        return None
+    vectors = safetensors.numpy.load(storage.read_bytes(layout.text_vectors))["text_vectors"]
+    if len(vectors) != num_items:
+        from data_pipeline.errors import DataError
+
+        raise DataError(layout.text_vectors, f"{len(vectors)} text vectors for {num_items} items; run "
+                                             "`recllm build-ids` again", field="text_vectors")
+    train = layout.read_sequences("train", columns=["history", "target"])
+    trained = trained_items(train.column("history").to_pylist(), train.column("target").to_numpy(), num_items)
+    return TextExpert(vectors, trained, infer_cfg.text_history, infer_cfg.text_weight or 0.0)
 
 
 @torch.no_grad()

@@ -12,9 +12,11 @@ import json
 import logging
 import struct
 import time
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import safetensors.numpy
 import safetensors.torch
 
 from data_pipeline import storage
@@ -26,8 +28,10 @@ from data_pipeline.item_ids.item_codes import BuiltIds
 from data_pipeline.item_ids.llm_text_targets import TextEmbedder, TextTargetsUnavailable, item_texts
 from data_pipeline.item_ids.precomputed_ids import build_precomputed_ids, index_path_from_manifest
 from data_pipeline.item_ids.subtoken_ids import build_subtoken_ids
-from data_pipeline.run_layout import (CODEBOOK_FILE, ITEM_CODES_FILE, STATS_FILE, TOKENS_FILE, RunLayout,
-                                      read_item_codes)
+from data_pipeline.item_ids.text_config import TextConfig
+from data_pipeline.item_ids.text_vectors import TextEncoder, build_text_vectors
+from data_pipeline.run_layout import (CODEBOOK_FILE, ITEM_CODES_FILE, STATS_FILE, TEXT_VECTORS_FILE, TOKENS_FILE,
+                                      RunLayout, read_item_codes)
 
 log = logging.getLogger("recllm.item_ids")
 
@@ -132,20 +136,24 @@ def write_item_ids(built: BuiltIds, out_uri: str) -> None:
         if built.codebook is not None:
             tensors, metadata = built.codebook
             staged.write_bytes(CODEBOOK_FILE, codebook_bytes(tensors, metadata))
+        if built.text_vectors is not None:
+            staged.write_bytes(TEXT_VECTORS_FILE, safetensors.numpy.save({"text_vectors": built.text_vectors}))
         built.stats["files"] = dict(sorted(staged.files.items()))
         staged.write_bytes(STATS_FILE, json.dumps(built.stats, indent=2).encode())
 
 
 def run_build_ids(ids: IdsConfig, run_dir: str, seed: int = 0, *, tokenizer=None,
                   text_embedder: TextEmbedder | None = None, baseline_settings: dict | None = None,
-                  item_embeddings: np.ndarray | None = None) -> dict:
+                  item_embeddings: np.ndarray | None = None, text: TextConfig | None = None,
+                  text_encoder: TextEncoder | None = None, reader_id: Callable[[], str] | None = None) -> dict:
     """Build run_dir/item_ids/ from run_dir/dataset/; returns stats.json's content.
 
     ``seed`` is the run's seed (``ids.seed`` overrides it for the quantiser). Inputs from the model layer:
     ``tokenizer`` (subtoken needs it), ``text_embedder`` (semantic's LLM alignment; without it alignment is
     skipped, with a note). Semantic, and subtoken with collaborative numbers, read the item embeddings of
     run_dir/baseline/, checked against ``baseline_settings`` when given; ``item_embeddings`` replaces them
-    (tests, benches).
+    (tests, benches). ``text`` with ``vectors`` on: each item's text read by ``text_encoder`` (the reader named
+    by ``reader_id()``) into text_vectors.safetensors; skipped, with a note, when the data has no text.
     """
     start = time.perf_counter()
     layout = RunLayout(run_dir)
@@ -178,6 +186,15 @@ def run_build_ids(ids: IdsConfig, run_dir: str, seed: int = 0, *, tokenizer=None
             built = _assign_only(ids, run_dir, items, item_embeddings, embedding_info)
         else:
             built = _semantic(ids, items, manifest, seed, item_embeddings, embedding_info, text_embedder)
+    if text is not None and text.vectors:
+        if not manifest.get("has_text"):
+            built.stats["text_vectors"] = {"used": False, "note": "skipped: the dataset has no item text"}
+        elif text_encoder is None or reader_id is None:
+            raise DataError("text", "text.vectors needs a text reader; build-ids was called without one")
+        else:
+            built.text_vectors, info = build_text_vectors(items, text, layout.text_vectors_cache, text_encoder,
+                                                          reader_id())
+            built.stats["text_vectors"] = {"used": True, **info}
     built.stats = {"scheme": ids.scheme, "items": items.num_rows, "seed": seed, "new_tokens": len(built.new_tokens),
                    **built.stats, "total_seconds": round(time.perf_counter() - start, 2)}
     out = layout.item_ids

@@ -41,6 +41,8 @@ class BuiltIds:
     """Further Parquet files by name (atomic: user_codes.parquet)."""
     codebook: tuple[dict, dict] | None = None
     """(tensors, metadata) for codebook.safetensors (semantic only)."""
+    text_vectors: np.ndarray | None = None
+    """[num_items, dims] for text_vectors.safetensors (``text.vectors`` on and the data has text)."""
 
 
 def item_codes_table(items: pa.Table, codes: list[list[int]] | np.ndarray, tokens: list[list[str]],

@@ -1,0 +1,82 @@
+"""Item text in the multinomial scorer (``text.vectors``): the LM-read text vectors of item_ids/ enter the top-K
+score in two ways.
+
+* A text expert: each item's score gains ``weight`` x the cosine of its text vector with the mean vector of the
+  user's last ``history`` items (a product of experts with the ID model; the weight is chosen on valid users by
+  `recllm infer`, 0 turns it off).
+* Rows for untrained items: an item that no train sequence holds (new since training, or held out as cold) has an
+  output row the model never learned. Its row is replaced by the mean of the rows of its ``neighbours`` nearest
+  trained items in text space, weighted by a softmax of their cosines; the LM head being linear, its logit is the
+  same mean of those items' logits, so no hidden state and no new token is needed.
+
+Scores are normalised over the trained items only, so adding items to the catalogue leaves every trained item's
+score for a user unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+class TextExpert:
+    def __init__(self, vectors: np.ndarray, trained: np.ndarray, history: int, weight: float,
+                 neighbours: int = 20, temperature: float = 0.05):
+        """``vectors`` [items, dims] unit rows (zero without text); ``trained`` bool per item: seen in training."""
+        self.vectors = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+        self.trained = torch.from_numpy(np.asarray(trained, dtype=bool))
+        self.history, self.weight = history, weight
+        self.untrained_ids = torch.nonzero(~self.trained).flatten()
+        self.trained_ids = torch.nonzero(self.trained).flatten()
+        self.untrained_mix = self._neighbour_weights(neighbours, temperature)
+
+    def _neighbour_weights(self, neighbours: int, temperature: float) -> torch.Tensor | None:
+        """[untrained, trained] sparse-by-construction mixing weights: softmax(cos / temperature) over each
+        untrained item's ``neighbours`` most text-similar trained items (rows sum to 1)."""
+        if not len(self.untrained_ids) or not len(self.trained_ids):
+            return None
+        cos = self.vectors[self.untrained_ids] @ self.vectors[self.trained_ids].T
+        k = min(neighbours, len(self.trained_ids))
+        top = cos.topk(k, dim=1)
+        mix = torch.zeros_like(cos)
+        mix.scatter_(1, top.indices, torch.softmax(top.values / temperature, dim=1))
+        return mix
+
+    def item_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, items] logits with each untrained item's replaced by its text neighbours' mix, normalised to
+        log-probabilities over the trained items."""
+        logits = logits.float().clone()
+        if self.untrained_mix is not None:
+            mix = self.untrained_mix.to(logits.device)
+            logits[:, self.untrained_ids.to(logits.device)] = logits[:, self.trained_ids.to(logits.device)] @ mix.T
+        trained = self.trained_ids.to(logits.device)
+        return logits - torch.logsumexp(logits[:, trained], dim=-1, keepdim=True)
+
+    def text_scores(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        """[B, items]: cosine of every item's text vector with the mean of the user's last ``history`` vectors."""
+        queries = torch.zeros(len(histories), self.vectors.shape[1])
+        for row, history in enumerate(histories):
+            last = list(history)[-self.history:]
+            if last:
+                queries[row] = self.vectors[torch.as_tensor(last)].mean(0)
+        queries = queries / queries.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        return queries @ self.vectors.T
+
+    def scores(self, logits: torch.Tensor, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The scorer's item scores: ``item_logits`` plus ``weight`` x ``text_scores``."""
+        out = self.item_logits(logits)
+        if self.weight:
+            out = out + self.weight * self.text_scores(histories).to(out.device)
+        return out
+
+
+def trained_items(train_histories: Sequence[Sequence[int]], train_targets: np.ndarray, num_items: int) -> np.ndarray:
+    """Bool per item_id: the item is in some train row, as history or target (what the model learned a row for)."""
+    seen = np.zeros(num_items, dtype=bool)
+    seen[np.asarray(train_targets, dtype=np.int64)] = True
+    flat = [i for h in train_histories for i in h]
+    if flat:
+        seen[np.asarray(flat, dtype=np.int64)] = True
+    return seen
