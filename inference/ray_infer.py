@@ -32,9 +32,17 @@ MISSING_MODEL = "no model (config.json); run `recllm train` first, or set infer.
 log = logging.getLogger("recllm.infer")
 
 
-def _settings(icfg, model_version: str) -> str:
+def _items_version(layout: RunLayout) -> str:
+    """Digest of item_ids/'s files (their sha256 in stats.json): items added to the catalogue change it, so no
+    user's row from before is reused as if the catalogue were the same."""
+    files = storage.read_json(layout.item_ids_stats, "no item_ids/; run `recllm build-ids` first").get("files", {})
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _settings(icfg, model_version: str, items_version: str) -> str:
     keys = {"mode": icfg.mode, "scorer": icfg.scorer, "top_k": icfg.top_k, "num_beams": icfg.num_beams,
-            "exclude_seen": icfg.exclude_seen, "max_history": icfg.max_history, "model_version": model_version}
+            "exclude_seen": icfg.exclude_seen, "max_history": icfg.max_history, "model_version": model_version,
+            "items_version": items_version}
     if icfg.text_weight is not None:  # a run with item text vectors: its weight and query change the lists
         keys.update(text_weight=icfg.text_weight, text_history=icfg.text_history)
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
@@ -124,7 +132,7 @@ def unpublished(topk_dir: str) -> str:
     return f"; nothing was published, {topk_dir} is as it was"
 
 
-def check_inputs(run_dir: str, model_dir: str) -> None:
+def check_inputs(run_dir: str, model_dir: str, scorer: str = "beam") -> None:
     """Everything the replicas will read, checked here before Ray starts: the model folder (family, weights,
     vocabulary), item_ids/ (one build, the item codes there) and the prompt format saved with the model."""
     read_model_config(model_dir, MISSING_MODEL)
@@ -132,7 +140,8 @@ def check_inputs(run_dir: str, model_dir: str) -> None:
     codes, tokens = read_item_ids_checked(layout.item_ids)
     if codes is None:
         layout.read_item_codes()  # raises: infer names items by their codes
-    check_trained_model(model_dir, tokens, layout.tokens)
+    new_items_from_text = scorer == "multinomial" and storage.exists(layout.text_vectors)
+    check_trained_model(model_dir, tokens, layout.tokens, new_items_from_text)
     PromptFormat.load(model_dir)
 
 
@@ -141,7 +150,7 @@ def run_infer(cfg) -> dict:
     run_dir = cfg.run_dir if "://" in cfg.run_dir else os.path.abspath(cfg.run_dir)
     layout = RunLayout(run_dir)
     model_dir = icfg.model_dir or layout.model
-    check_inputs(run_dir, model_dir)  # before Ray is even imported
+    check_inputs(run_dir, model_dir, icfg.scorer)  # before Ray is even imported
 
     import ray
 
@@ -159,7 +168,7 @@ def run_infer(cfg) -> dict:
         weight, text_sweep = choose_text_weight(cfg, model_dir, manifest["counts"]["items"],
                                                 manifest["counts"]["users"])
         icfg = dataclasses.replace(icfg, text_weight=weight)
-    settings = _settings(icfg, model_version)
+    settings = _settings(icfg, model_version, _items_version(layout))
     tasks = ts.plan_shards(users, icfg.users_per_shard, settings)
     publisher = storage.StagedFolder(topk_dir)
     publisher.clear_leftovers()  # a previous topk/ that a killed fallback publish moved aside is put back

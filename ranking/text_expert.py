@@ -20,6 +20,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from data_pipeline.item_ids.text_vectors import trained_items  # noqa: F401  (the scorer's notion of trained)
+
 
 class TextExpert:
     def __init__(self, vectors: np.ndarray, trained: np.ndarray, history: int, weight: float,
@@ -70,13 +72,3 @@ class TextExpert:
         if self.weight:
             out = out + self.weight * self.text_scores(histories).to(out.device)
         return out
-
-
-def trained_items(train_histories: Sequence[Sequence[int]], train_targets: np.ndarray, num_items: int) -> np.ndarray:
-    """Bool per item_id: the item is in some train row, as history or target (what the model learned a row for)."""
-    seen = np.zeros(num_items, dtype=bool)
-    seen[np.asarray(train_targets, dtype=np.int64)] = True
-    flat = [i for h in train_histories for i in h]
-    if flat:
-        seen[np.asarray(flat, dtype=np.int64)] = True
-    return seen

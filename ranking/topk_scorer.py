@@ -33,14 +33,18 @@ class TopKScorer:
         self.rerank = prompt_format.item_rerank if prompt_format is not None else "none"
         self.model_version = ""
         self.prompts = PromptBuilder(run_dir, num_items, num_users, infer_cfg.max_history, prompt_format=prompt_format)
-        codes = RunLayout(run_dir).read_item_codes().sort_by("item_id")  # row r = item_id r
+        layout = RunLayout(run_dir)
+        codes = layout.read_item_codes().sort_by("item_id")  # row r = item_id r
         self.items = codes.column("item_id").to_numpy()
-        token_seqs = self._token_sequences(codes)
+        # multinomial with text vectors: an item whose token the model lacks was added since training, and is
+        # scored from its text (ranking.text_expert); anywhere else such a token is an error.
+        new_from_text = infer_cfg.scorer == "multinomial" and storage.exists(layout.text_vectors)
+        token_seqs, absent = self._token_sequences(codes, allow_absent=new_from_text)
         if infer_cfg.scorer == "multinomial":
             if any(len(s) != 1 for s in token_seqs):
                 raise ValueError("infer.scorer=multinomial needs one token per item (ids.scheme=atomic)")
             self.item_token_ids = torch.tensor([s[0] for s in token_seqs], dtype=torch.long)
-            self.text = _text_expert(run_dir, infer_cfg, len(self.items))
+            self.text = _text_expert(run_dir, infer_cfg, len(self.items), absent)
         else:
             needs_end = len({len(s) for s in token_seqs}) > 1
             end = self.tokenizer.eos_token_id
@@ -70,18 +74,26 @@ class TopKScorer:
         scorer.model_version = _model_version(model_dir)
         return scorer
 
-    def _token_sequences(self, codes: pa.Table) -> list[list[int]]:
-        """Each item's answer as LM token ids: its new tokens, or its text (subtoken IDs) tokenised as in training."""
+    def _token_sequences(self, codes: pa.Table, allow_absent: bool = False) -> tuple[list[list[int]], np.ndarray]:
+        """(each item's answer as LM token ids: its new tokens, or its text (subtoken IDs) tokenised as in training;
+        bool per item: its tokens are not in the model's vocabulary). Absent tokens are an error unless
+        ``allow_absent``, when they stand as token 0 (their scores come from elsewhere)."""
+        absent = np.zeros(codes.num_rows, dtype=bool)
         if "text" in codes.column_names and codes.column("text").null_count == 0:
-            return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in codes.column("text").to_pylist()]
+            return [self.tokenizer(t, add_special_tokens=False)["input_ids"]
+                    for t in codes.column("text").to_pylist()], absent
         out = []
-        for tokens in codes.column("tokens").to_pylist():
-            ids = self.tokenizer.convert_tokens_to_ids(tokens)
-            if self.tokenizer.unk_token_id is not None and self.tokenizer.unk_token_id in ids:
-                raise ValueError(f"item tokens {tokens} are not in the model's vocabulary; was the model trained "
-                                 f"on these item_ids?")
-            out.append(ids)
-        return out
+        vocabulary = self.tokenizer.get_vocab()
+        for row, tokens in enumerate(codes.column("tokens").to_pylist()):
+            if any(t not in vocabulary for t in tokens):
+                if not allow_absent:
+                    raise ValueError(f"item tokens {tokens} are not in the model's vocabulary; was the model "
+                                     f"trained on these item_ids?")
+                absent[row] = True
+                out.append([0] * len(tokens))
+                continue
+            out.append(self.tokenizer.convert_tokens_to_ids(tokens))
+        return out, absent
 
     def _prompt_rows(self, user_ids, histories) -> list[list[int]]:
         return self.prompts.prompt_ids(self.tokenizer, user_ids, histories)
@@ -137,9 +149,10 @@ def multinomial_items(scorer: TopKScorer, ids, mask, seen, histories):
     return multinomial_topk(scorer.model, ids, mask, scorer.item_token_ids, scorer.cfg.top_k, seen, item_scores)
 
 
-def _text_expert(run_dir: str, infer_cfg, num_items: int):
+def _text_expert(run_dir: str, infer_cfg, num_items: int, absent: np.ndarray):
     """The text expert of ``ranking.text_expert`` when build-ids wrote item text vectors, else None. Items no train
-    sequence holds are the untrained ones; the weight is infer.text_weight (0 until `recllm infer` chooses it)."""
+    sequence holds, and items whose token the model lacks (``absent``), are the untrained ones; the weight is
+    infer.text_weight (0 until `recllm infer` chooses it)."""
     import safetensors.numpy
 
     from ranking.text_expert import TextExpert, trained_items
@@ -155,6 +168,7 @@ def _text_expert(run_dir: str, infer_cfg, num_items: int):
                                              "`recllm build-ids` again", field="text_vectors")
     train = layout.read_sequences("train", columns=["history", "target"])
     trained = trained_items(train.column("history").to_pylist(), train.column("target").to_numpy(), num_items)
+    trained &= ~absent
     return TextExpert(vectors, trained, infer_cfg.text_history, infer_cfg.text_weight or 0.0)
 
 

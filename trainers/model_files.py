@@ -92,20 +92,23 @@ def tokenizer_vocabulary(folder: str) -> tuple[dict[str, int], set[str]] | None:
     return {**ids, **added}, set(added)
 
 
-def check_new_tokens_present(folder: str, config: dict, tokens: list[str], tokens_uri: str) -> None:
+def check_new_tokens_present(folder: str, config: dict, tokens: list[str], tokens_uri: str,
+                             new_items_from_text: bool = False) -> None:
     """Every token build-ids added is in the model's vocabulary, within its embedding rows: a model trained on
-    other item IDs would otherwise score tokens it never learned, or index past its table."""
+    other item IDs would otherwise score tokens it never learned, or index past its table. With
+    ``new_items_from_text`` (item text vectors and the multinomial scorer) a token the model lacks is an item added
+    since training, scored from its text; at least one token must still be the model's."""
     vocabulary = tokenizer_vocabulary(folder)
     if vocabulary is None or not tokens:
         return
     ids, _ = vocabulary
     absent = [t for t in tokens if t not in ids]
-    if absent:
+    if absent and not (new_items_from_text and len(absent) < len(tokens)):
         raise DataError(tokens_uri, f"{len(absent)} of its {len(tokens)} tokens are not in the vocabulary of "
                                     f"{folder} (e.g. {absent[0]}): the model was trained on other item IDs; "
                                     "rerun `recllm train`, or set infer.model_dir to this item_ids/'s model")
     rows = config.get("vocab_size")
-    beyond = [t for t in tokens if rows is not None and ids[t] >= rows]
+    beyond = [t for t in tokens if rows is not None and t in ids and ids[t] >= rows]
     if beyond:
         raise DataError(storage.join(folder, "config.json"), f"vocab_size {rows}, but token {beyond[0]} has id "
                                                              f"{ids[beyond[0]]}; the folder mixes two models",
@@ -149,10 +152,10 @@ def check_checkpoint(model_cfg, tokens: list[str], tokens_uri: str) -> None:
     check_new_tokens_fresh(folder, tokens, tokens_uri)
 
 
-def check_trained_model(model_dir: str, tokens: list[str], tokens_uri: str) -> dict:
+def check_trained_model(model_dir: str, tokens: list[str], tokens_uri: str, new_items_from_text: bool = False) -> dict:
     """run_dir/model (or infer.model_dir) before inference; returns its config.json."""
     config = read_model_config(model_dir, "no model (config.json); run `recllm train` first, or set "
                                           "infer.model_dir")
     check_weights(model_dir)
-    check_new_tokens_present(model_dir, config, tokens, tokens_uri)
+    check_new_tokens_present(model_dir, config, tokens, tokens_uri, new_items_from_text)
     return config

@@ -29,7 +29,7 @@ from data_pipeline.item_ids.llm_text_targets import TextEmbedder, TextTargetsUna
 from data_pipeline.item_ids.precomputed_ids import build_precomputed_ids, index_path_from_manifest
 from data_pipeline.item_ids.subtoken_ids import build_subtoken_ids
 from data_pipeline.item_ids.text_config import TextConfig
-from data_pipeline.item_ids.text_vectors import TextEncoder, build_text_vectors
+from data_pipeline.item_ids.text_vectors import TextEncoder, build_text_vectors, trained_items
 from data_pipeline.run_layout import (CODEBOOK_FILE, ITEM_CODES_FILE, STATS_FILE, TEXT_VECTORS_FILE, TOKENS_FILE,
                                       RunLayout, read_item_codes)
 
@@ -192,8 +192,11 @@ def run_build_ids(ids: IdsConfig, run_dir: str, seed: int = 0, *, tokenizer=None
         elif text_encoder is None or reader_id is None:
             raise DataError("text", "text.vectors needs a text reader; build-ids was called without one")
         else:
+            train = layout.read_sequences("train", columns=["history", "target"])
+            trained = trained_items(train.column("history").to_pylist(), train.column("target").to_numpy(),
+                                    items.num_rows)
             built.text_vectors, info = build_text_vectors(items, text, layout.text_vectors_cache, text_encoder,
-                                                          reader_id())
+                                                          reader_id(), trained)
             built.stats["text_vectors"] = {"used": True, **info}
     built.stats = {"scheme": ids.scheme, "items": items.num_rows, "seed": seed, "new_tokens": len(built.new_tokens),
                    **built.stats, "total_seconds": round(time.perf_counter() - start, 2)}

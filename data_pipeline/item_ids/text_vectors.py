@@ -42,16 +42,29 @@ def cache_key(documents: Sequence[str], reader_id: str, cfg: TextConfig) -> str:
     return digest.hexdigest()
 
 
-def whiten(raw: np.ndarray, dims: int) -> np.ndarray:
+def whiten(raw: np.ndarray, dims: int, fit_rows: np.ndarray | None = None) -> np.ndarray:
     """PCA whitening (centre, rotate onto the top ``dims`` principal axes, scale each to unit variance), then unit
     rows: cosine similarity of raw LM states is dominated by a few shared directions; after whitening it ranks
-    items by what their texts say. Deterministic: SVD of the same matrix, signs fixed by each axis's largest entry."""
-    centred = raw.astype(np.float64) - raw.mean(0)
-    _, singular, axes = np.linalg.svd(centred, full_matrices=False)
+    items by what their texts say. The transform is fitted on ``fit_rows`` (bool; all rows when None) and applied
+    to every row, so rows outside the fit (new items) never move the others. Deterministic: SVD of the same
+    matrix, signs fixed by each axis's largest entry."""
+    fit = raw.astype(np.float64) if fit_rows is None else raw[fit_rows].astype(np.float64)
+    mean = fit.mean(0)
+    _, singular, axes = np.linalg.svd(fit - mean, full_matrices=False)
     dims = min(dims, int((singular > singular[0] * 1e-6).sum()))
     axes = axes[:dims] * np.sign(axes[:dims][np.arange(dims), np.abs(axes[:dims]).argmax(1)])[:, None]
-    white = centred @ axes.T / singular[:dims] * np.sqrt(max(len(raw) - 1, 1))
+    white = (raw.astype(np.float64) - mean) @ axes.T / singular[:dims] * np.sqrt(max(len(fit) - 1, 1))
     return (white / np.maximum(np.linalg.norm(white, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def trained_items(train_histories: Sequence[Sequence[int]], train_targets: np.ndarray, num_items: int) -> np.ndarray:
+    """Bool per item_id: the item is in some train row, as history or target (what a model learns a row for)."""
+    seen = np.zeros(num_items, dtype=bool)
+    seen[np.asarray(train_targets, dtype=np.int64)] = True
+    flat = [i for h in train_histories for i in h]
+    if flat:
+        seen[np.asarray(flat, dtype=np.int64)] = True
+    return seen
 
 
 def _write_whole(uri: str, data: bytes) -> None:
@@ -65,9 +78,11 @@ def _write_whole(uri: str, data: bytes) -> None:
 
 
 def build_text_vectors(items: pa.Table, cfg: TextConfig, cache_uri: Callable[[str], str], encode: TextEncoder,
-                       reader_id: str) -> tuple[np.ndarray, dict]:
+                       reader_id: str, trained: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """([num_items, dims] unit text vectors, zero rows for items without text; stats). ``cache_uri(key)`` is where
-    the raw vectors of a key live (read when present, written after a reader pass)."""
+    the raw vectors of a key live (read when present, written after a reader pass). The whitening is fitted on the
+    ``trained`` items with text (bool per item; all when None or when too few), so items added to the catalogue
+    later leave every trained item's vector as it was."""
     start = time.perf_counter()
     documents = item_documents({f: items.column(f).to_pylist() for f in cfg.fields}, cfg.fields)
     has_text = np.array([bool(d) for d in documents])
@@ -81,10 +96,14 @@ def build_text_vectors(items: pa.Table, cfg: TextConfig, cache_uri: Callable[[st
     else:
         raw = np.asarray(encode(present), np.float32)
         _write_whole(uri, safetensors.numpy.save({"raw": raw}))
-    white = whiten(raw, cfg.dims)
+    fit = None if trained is None else np.asarray(trained, dtype=bool)[has_text]
+    if fit is not None and fit.sum() <= cfg.dims:
+        fit = None
+    white = whiten(raw, cfg.dims, fit)
     vectors = np.zeros((len(documents), white.shape[1]), np.float32)
     vectors[has_text] = white
     stats = {"reader": cfg.reader, "checkpoint": cfg.checkpoint, "fields": list(cfg.fields), "layer": cfg.layer,
              "max_tokens": cfg.max_tokens, "dims": int(white.shape[1]), "items_with_text": int(has_text.sum()),
+             "whitening_fitted_on": int(has_text.sum() if fit is None else fit.sum()),
              "cache": uri, "cache_hit": cached, "seconds": round(time.perf_counter() - start, 2)}
     return vectors, stats
