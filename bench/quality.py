@@ -35,10 +35,17 @@ RECIPES = {  # name -> (config, overrides on top of it: only for the ablation ro
     "controlrec": ("configs/controlrec_scientific.yaml", []),
     # what the seeds' alignment tasks add on top of the sequence-level objective (items need text)
     "demo+text": ("configs/demo.yaml", ["samples.tasks=[user_sequence,text_alignment,query_alignment]"]),
+    # the demo without item text vectors (text.vectors off), for the text-on / text-off comparison of issue #26
+    "demo-notext": ("configs/demo.yaml", ["text.vectors=false"]),
+    # new items: 10% of the catalogue held out of training, scored as warm- and cold-target users apart
+    "demo+cold": ("configs/demo.yaml", ["data.cold_items=0.1"]),
+    "demo-notext+cold": ("configs/demo.yaml", ["text.vectors=false", "data.cold_items=0.1"]),
     "demo+collab_lm": ("configs/demo.yaml", ["samples.tasks=[user_sequence,collaborative_lm]"]),
 }
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
-MODELS = ("recllm", "sasrec", "popular")
+MODELS = ("recllm", "sasrec", "popular", "content")
+GROUPS = ("warm", "cold")
+"""Users by their target's kind, in runs with data.cold_items (report["groups"])."""
 
 
 def run_cell(dataset: str, recipe: str, seed: int, out: Path, extra: list[str]) -> dict:
@@ -58,7 +65,11 @@ def run_cell(dataset: str, recipe: str, seed: int, out: Path, extra: list[str]) 
             return {}
         (run_dir / "report" / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.0f}\n")
     wall = run_dir / "report" / "wall_seconds.txt"
-    metrics = json.loads(report.read_text())["models"]
+    full = json.loads(report.read_text())
+    metrics = full["models"]
+    for group, rows in full.get("groups", {}).items():
+        for model, values in rows["models"].items():
+            metrics[f"{model} ({group} targets, {rows['users']} users)"] = values
     metrics["wall_seconds"] = float(wall.read_text()) if wall.exists() else None
     return metrics
 
@@ -76,7 +87,10 @@ def table(results: dict) -> str:
              "wall (min) |", "|" + "---|" * (len(METRICS) + 7)]
     for (dataset, recipe), cells in results.items():
         seeds = sorted(cells)
-        for model in MODELS:
+        grouped = sorted({k for s in seeds for k in cells[s] if " targets, " in k})
+        for model in [*MODELS, *grouped]:
+            if not any(model in cells[s] for s in seeds):
+                continue
             row = [mean_std([cells[s][model][m] for s in seeds if model in cells[s]]) for m in METRICS]
             ratio, wall = "", ""
             if model == "recllm":

@@ -9,6 +9,7 @@ every layer's config may import it.
 from __future__ import annotations
 
 import ast
+import difflib
 import dataclasses
 import inspect
 import types
@@ -128,7 +129,9 @@ def _build(cls: type, data: dict, where: str, problems: list[str]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            problems.append(f"{where + '.' if where else ''}{key}: unknown field of {cls.__name__} "
+            close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(f"{where + '.' if where else ''}{key}: unknown field of {cls.__name__}; {hint}"
                             f"(known: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):

@@ -117,15 +117,71 @@ def submit(argv: list[str]) -> int:
     return run_submission(job)
 
 
+def command_help_hint(flag: str) -> str:
+    from launcher.command_help import did_you_mean
+
+    return did_you_mean(flag, FLAGS | {"--help", "--version"})
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("recllm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _help(argv: list[str]) -> int | None:
+    """--help / -h / --version / `recllm config`: answered from the config schema alone (no torch, no Ray)."""
+    from launcher import command_help
+    from launcher.config import RecllmConfig
+
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"recllm {_version()}")
+        return 0
+    if not argv or argv[0] in ("--help", "-h", "help"):
+        print(command_help.overview(_version()))
+        return 0 if argv else 2
+    if argv[0] not in command_help.COMMANDS:
+        print(f"recllm: unknown command {argv[0]!r}{command_help.did_you_mean(argv[0], command_help.COMMANDS)}\n"
+              f"{command_help.USAGE}\n(`recllm --help` lists the commands)", file=sys.stderr)
+        return 2
+    if "--help" in argv or "-h" in argv:
+        print(command_help.command_help(RecllmConfig, argv[0]))
+        return 0
+    if argv[0] == "config":
+        import yaml
+
+        from data_pipeline.config_schema import to_dict
+        from launcher.config import load_config
+
+        if len(argv) < 2:
+            print("usage: recllm config CONFIG [key=value ...]", file=sys.stderr)
+            return 2
+        try:
+            print(yaml.safe_dump(to_dict(load_config(argv[1], argv[2:])), sort_keys=False), end="")
+        except ConfigError as exc:
+            print(f"recllm config: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["submit"]:
         return submit(argv[1:])
+    answered = _help(argv)
+    if answered is not None:
+        return answered
     commands = _commands()
     flags = {a for a in argv if a.startswith("--") or a == "-v"}
     argv = [a for a in argv if a not in flags]
     if len(argv) < 2 or argv[0] not in commands or flags - FLAGS:
-        print(USAGE.format(", ".join(commands)), file=sys.stderr)
+        unknown = sorted(flags - FLAGS)
+        hint = f"unknown flag {unknown[0]}{command_help_hint(unknown[0])}\n" if unknown else ""
+        print(hint + USAGE.format(", ".join(commands)), file=sys.stderr)
         return 2
     # Quiet by default: each stage prints its own start and summary lines; -v brings the INFO log back.
     logging.basicConfig(level=logging.INFO if "-v" in flags else logging.WARNING,
