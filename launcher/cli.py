@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a not in flags]
     if len(argv) < 2 or argv[0] not in commands or flags - FLAGS:
         unknown = sorted(flags - FLAGS)
-        hint = f"unknown flag {unknown[0]}{command_help_hint(unknown[0])}\n" if unknown else ""
-        print(hint + USAGE.format(", ".join(commands)), file=sys.stderr)
+        hint = f"\nunknown flag {unknown[0]}{command_help_hint(unknown[0])}" if unknown else ""
+        print(USAGE.format(", ".join(commands)) + hint, file=sys.stderr)
         return 2
     # Quiet by default: each stage prints its own start and summary lines; -v brings the INFO log back.
     logging.basicConfig(level=logging.INFO if "-v" in flags else logging.WARNING,
