@@ -192,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(argv[1], argv[2:])
+        from launcher.preflight import preflight_problems
+
+        problems = preflight_problems(cfg, argv[0])
+        if problems:
+            raise ConfigError(problems, "preflight")
         with _writer_lock(argv[0], cfg, "--break-lock" in flags):
             commands[argv[0]](cfg)
     except Exception as exc:
