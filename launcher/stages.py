@@ -49,8 +49,15 @@ def build_ids(cfg) -> None:
                                                        text.batch_size),
                           reader_id=lambda: reader_fingerprint(text.reader, text.checkpoint))
     after = stats.get("collisions", {}).get("after", {}).get("duplicate_codes", 0)
+    text_vectors = stats.get("text_vectors", {})
+    text_note = ""
+    if text_vectors.get("used"):
+        how = "cached" if text_vectors["cache_hit"] else f"read in {text_vectors['seconds']}s"
+        text_note = f", text vectors of {text_vectors['items_with_text']} items from {text_vectors['reader']} ({how})"
+    elif text_vectors:
+        text_note = f", text vectors {text_vectors['note']}"
     print(f"item ids: {stats['scheme']} scheme, {stats['items']} items, {stats['new_tokens']} new tokens, "
-          f"{after} collisions, {stats['total_seconds']}s -> {cfg.run_dir}/item_ids")
+          f"{after} collisions{text_note}, {stats['total_seconds']}s -> {cfg.run_dir}/item_ids")
 
 
 def build_samples(cfg) -> None:

@@ -47,7 +47,13 @@ def lm_text_encoder(size: str, checkpoint: str, layer: int, max_tokens: int, bat
         from trainers.model_config import ModelConfig
         from trainers.models import build_model
 
-        model, tokenizer = build_model(ModelConfig(size=size, checkpoint=checkpoint))
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the GGUF loader's own bars: the console keeps the item bar only
+        try:
+            model, tokenizer = build_model(ModelConfig(size=size, checkpoint=checkpoint))
+        finally:
+            hf_logging.enable_progress_bar()
         body = model.model
         if not 1 <= layer <= len(body.layers):
             raise ValueError(f"text.layer: {layer}; the reader {size} has {len(body.layers)} layers")
