@@ -113,3 +113,21 @@ def test_content_baseline_ranks_items_no_interaction_ever_named():
     docs = ["solder wire", "soldering iron tip", "microscope slide", "glass microscope slides"]
     top = content_topk(tfidf_item_vectors(docs), [[2]], k=1)
     assert top.tolist() == [[3]]
+
+
+def test_evaluate_reports_warm_and_cold_rows_and_the_content_baseline(cold_run, capsys):
+    test = pq.read_table(cold_run / "dataset" / "sequences" / "test").sort_by("user_id")
+    (cold_run / "topk").mkdir(exist_ok=True)
+    lists = [list(range(20))] * test.num_rows  # the same 20 items for everyone: a most-popular stand-in
+    pq.write_table(pa.table({"user_id": test.column("user_id"), "item_ids": lists}), cold_run / "topk" / "p.parquet")
+    (cold_run / "topk" / "_SUCCESS").write_text(json.dumps({"mode": "test", "scorer": "multinomial", "top_k": 20}))
+    assert main(["evaluate", str(REPO / "configs" / "demo.yaml"), f"run_dir={cold_run}", "eval.baseline=false"]) == 0
+    report = json.loads((cold_run / "report" / "metrics.json").read_text())
+    assert set(report["models"]) == {"recllm", "popular", "content"}
+    groups = report["groups"]
+    assert groups["warm"]["users"] + groups["cold"]["users"] == report["users"] == test.num_rows
+    assert set(groups["cold"]["models"]) == {"recllm", "popular", "content"}
+    # popular never ranks a cold item (none is in any train sequence); text reaches some
+    assert groups["cold"]["models"]["popular"]["HR@20"] == 0.0
+    assert groups["cold"]["models"]["content"]["HR@20"] > 0.05
+    assert "| cold (" in (cold_run / "report" / "report.md").read_text()
