@@ -41,7 +41,7 @@ class InferConfig:
     """multinomial with item text vectors (text.vectors): weight of the text expert, the cosine of each item's text
     vector with the user's recent items'. Empty: the one of text_weights with the best NDCG@10 on the valid users
     (train.eval_users of them, seeded) is chosen before scoring."""
-    text_weights: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0, 16.0])
+    text_weights: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0])
     """The text-expert weights tried on valid users when text_weight is empty."""
     text_history: int = 3
     """The text expert's query: the mean text vector of the user's last this-many history items."""

@@ -195,8 +195,10 @@ def run_build_ids(ids: IdsConfig, run_dir: str, seed: int = 0, *, tokenizer=None
             train = layout.read_sequences("train", columns=["history", "target"])
             trained = trained_items(train.column("history").to_pylist(), train.column("target").to_numpy(),
                                     items.num_rows)
-            built.text_vectors, info = build_text_vectors(items, text, layout.text_vectors_cache, text_encoder,
-                                                          reader_id(), trained)
+            cache = layout.text_vectors_cache
+            if text.cache_dir:
+                cache = lambda key: storage.join(text.cache_dir, f"{key}.safetensors")  # noqa: E731
+            built.text_vectors, info = build_text_vectors(items, text, cache, text_encoder, reader_id(), trained)
             built.stats["text_vectors"] = {"used": True, **info}
     built.stats = {"scheme": ids.scheme, "items": items.num_rows, "seed": seed, "new_tokens": len(built.new_tokens),
                    **built.stats, "total_seconds": round(time.perf_counter() - start, 2)}

@@ -30,6 +30,9 @@ class TextConfig:
     """PCA-whitened dimensions kept (whitening makes cosine similarity of LM states meaningful)."""
     batch_size: int = 32
     """Items per reader forward pass."""
+    cache_dir: str = ""
+    """Folder (local or s3://) of the reader's cached raw vectors, keyed by texts and weights; empty:
+    run_dir/cache/item_text. Runs on one catalogue can share one."""
 
     def check(self) -> list[str]:
         problems = []
