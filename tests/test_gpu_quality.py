@@ -31,7 +31,7 @@ def bench():
 def test_smoke_trains_validates_and_scores_beside_sasrec(tmp_path, bench, ray_local):
     run_dir = tmp_path / "run"
     args = [str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}", "samples.max_samples_per_task=400",
-            "baseline.epochs=1"]
+            "baseline.epochs=1", "text.vectors=false"]
     for stage in ("prepare", "train-baseline", "build-ids", "build-samples"):
         assert recllm([stage, *args]) == 0
     results = {}

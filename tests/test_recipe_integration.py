@@ -112,7 +112,8 @@ def test_an_objective_registered_in_a_test_file_trains_through_ray_and_deepspeed
         args = [str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}", "samples.max_samples_per_task=200",
                 "train.objective=toy_mean_squared_logit", "train.max_steps=5", "train.log_every=1",
                 "train.checkpoint_every=5", "train.eval_every=0", "train.learning_rate=1e-3", "train.warmup_steps=0",
-                "model.new_token_init=mean"]  # no baseline stage here: the objective's plumbing is under test
+                "model.new_token_init=mean",  # no baseline stage here: the objective's plumbing is under test
+                "text.vectors=false"]
         for stage in ("prepare", "build-ids", "build-samples", "train"):
             assert main([stage, *args]) == 0
     finally:

@@ -65,7 +65,7 @@ def test_prepare_from_and_to_s3_matches_local(tmp_path, s3_endpoint):
 
 FAST_PIPELINE = ["samples.max_samples_per_task=600", "train.max_steps=10", "train.eval_every=5",
                  "train.eval_users=200", "train.log_every=5", "train.checkpoint_every=10", "baseline.epochs=2",
-                 "infer.num_replicas=1", "infer.batch_size=512"]
+                 "infer.num_replicas=1", "infer.batch_size=512", "text.vectors=false"]
 
 
 def _pipeline(cwd, run_dir: str, env: dict) -> None:

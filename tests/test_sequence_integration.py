@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 
 ARGS = ["baseline.epochs=3", "samples.max_samples_per_task=1200", "train.max_steps=30", "train.eval_every=10", "train.eval_users=300",
         "train.patience=0", "train.log_every=10", "train.checkpoint_every=30", "train.learning_rate=3e-3",
-        "train.warmup_steps=2", "infer.num_replicas=1", "infer.batch_size=256"]
+        "train.warmup_steps=2", "infer.num_replicas=1", "infer.batch_size=256",
+        "text.vectors=false"]  # the ID objective is under test; the text pass has its own tests (test_item_text)
 
 
 def test_sequence_recipe_trains_selects_the_best_valid_round_and_infers(tmp_path, ray_local):
