@@ -142,25 +142,24 @@ def run_evaluate(cfg) -> dict:
 
     report = {"dataset": manifest["source"].get("name") or manifest["source"]["path"], "split": "test",
               "users": int(len(targets)), "items": num_items, "ks": ecfg.ks,
-              "infer": {k: topk_manifest.get(k) for k in ("scorer", "top_k", "num_beams", "model_version")},
+              "infer": {k: topk_manifest.get(k) for k in ("scorer", "top_k", "num_beams", "model_version", "text")},
               "models": models}
     cold = cold_item_mask(layout, num_items)
     if cold is not None:
         report["cold_items"] = int(cold.sum())
         report["groups"] = group_metrics(lists, targets, num_items, ecfg.ks, cold)
-    write_report(run_dir, report, baseline["losses"] if baseline else [])
+    write_report(run_dir, report, baseline["losses"] if baseline else [], cfg.train.objective)
     return report
 
 
-def _train_losses(run_dir: str) -> list[tuple[int, float]]:
+def _train_rows(run_dir: str) -> list[dict]:
     path = RunLayout(run_dir).train_metrics
     if not storage.exists(path):
         return []
-    rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
-def write_report(run_dir: str, report: dict, sasrec_losses: list[float]) -> str:
+def write_report(run_dir: str, report: dict, sasrec_losses: list[float], objective: str = "") -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,25 +176,55 @@ def write_report(run_dir: str, report: dict, sasrec_losses: list[float]) -> str:
             axes[1].plot(ndcg_ks, [m[f"NDCG@{k}"] for k in ndcg_ks], marker="o", label=name)
         for ax, title in zip(axes, ("HR@K", "NDCG@K")):
             ax.set_xlabel("K")
+            ax.set_xticks(ks)
             ax.set_title(f"{title} — {report['dataset']} (test, full ranking)")
             ax.grid(alpha=0.3)
             ax.legend()
         staged.write_bytes("hr_ndcg_at_k.png", _png(fig))
-        losses = _train_losses(run_dir)
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        rows = _train_rows(run_dir)
+        losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        valid = [(r["step"], r["valid/NDCG@10"]) for r in rows if "valid/NDCG@10" in r]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         if losses:
-            axes[0].plot(*zip(*losses), marker=".")
-        axes[0].set_title("recllm SFT loss (response tokens)")
+            axes[0].plot(*zip(*losses), marker="." if len(losses) < 50 else None)
+        axes[0].set_title(f"recllm training loss ({objective or 'train.objective'} objective)")
         axes[0].set_xlabel("step")
+        if valid:
+            axes[1].plot(*zip(*valid), marker="o")
+            best = max(valid, key=lambda sv: sv[1])
+            axes[1].axvline(best[0], color="grey", linestyle="--", label=f"best round, step {best[0]}")
+            axes[1].legend()
+        axes[1].set_title("recllm valid NDCG@10 (training rounds)")
+        axes[1].set_xlabel("step")
         if sasrec_losses:
-            axes[1].plot(range(1, len(sasrec_losses) + 1), sasrec_losses, marker=".")
-        axes[1].set_title("SASRec training loss")
-        axes[1].set_xlabel("epoch")
+            axes[2].plot(range(1, len(sasrec_losses) + 1), sasrec_losses, marker=".")
+        axes[2].set_title("SASRec training loss")
+        axes[2].set_xlabel("epoch")
         for ax in axes:
             ax.grid(alpha=0.3)
         staged.write_bytes("training_loss.png", _png(fig))
+        if "groups" in report:
+            staged.write_bytes("warm_cold.png", _png(_warm_cold_figure(report, plt)))
         staged.write_bytes("report.md", _markdown(report).encode())
     return out
+
+
+def _warm_cold_figure(report: dict, plt):
+    """HR@10 and NDCG@10 of every model on warm-target and cold-target users, side by side."""
+    import numpy as np
+
+    groups = report["groups"]
+    names = list(report["models"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("HR@10", "NDCG@10")):
+        for offset, (group, rows) in enumerate(groups.items()):
+            values = [rows["models"].get(n, {}).get(metric, 0.0) for n in names]
+            ax.bar(np.arange(len(names)) + 0.4 * offset, values, width=0.4, label=f"{group} ({rows['users']:,} users)")
+        ax.set_xticks(np.arange(len(names)) + 0.2, names)
+        ax.set_title(f"{metric} by target kind — {report['dataset']}")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend()
+    return fig
 
 
 def _png(fig) -> bytes:
@@ -210,14 +239,25 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _scorer_words(infer: dict) -> str:
+    """What made the top-K, in the scorer's own terms: beams for beam search, the text weight for the multinomial
+    head with item text."""
+    if infer.get("scorer") == "beam":
+        return f"trie-constrained beam search ({infer.get('num_beams')} beams)"
+    text = infer.get("text")
+    if infer.get("scorer") == "multinomial" and text:
+        return (f"the multinomial item head + text expert (weight {text['weight']:g}, chosen on valid; the user's "
+                f"last {text['history']} items)")
+    return f"the `{infer.get('scorer')}` scorer"
+
+
 def _markdown(report: dict) -> str:
     ks = report["ks"]
     cols = [f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks if k > 1]
     extra = ["invalid_item_rate", f"Coverage@{max(ks)}"]
     lines = [f"# recllm evaluation: {report['dataset']}", "",
              f"Test split, full ranking over {report['items']:,} items, {report['users']:,} users. "
-             f"Top-K from `{report['infer'].get('scorer')}` (beams {report['infer'].get('num_beams')}), "
-             f"model {report['infer'].get('model_version')}.", "",
+             f"Top-K from {_scorer_words(report['infer'])}, model {report['infer'].get('model_version')}.", "",
              "| model | " + " | ".join(cols + extra) + " |", "|---" * (len(cols) + len(extra) + 1) + "|"]
     for name, m in report["models"].items():
         lines.append(f"| {name} | " + " | ".join(f"{m.get(c, float('nan')):.4f}" for c in cols + extra) + " |")
@@ -229,5 +269,7 @@ def _markdown(report: dict) -> str:
             for name, m in g["models"].items():
                 lines.append(f"| {group} ({g['users']:,}) | {name} | "
                              + " | ".join(f"{m.get(c, float('nan')):.4f}" for c in cols) + " |")
-    lines += ["", "![HR@K and NDCG@K](hr_ndcg_at_k.png)", "", "![Training loss](training_loss.png)", ""]
+        lines += ["", "![warm and cold targets](warm_cold.png)"]
+    lines += ["", "![HR@K and NDCG@K](hr_ndcg_at_k.png)", "",
+              "![Training loss, valid NDCG@10 by round, SASRec loss](training_loss.png)", ""]
     return "\n".join(lines)
