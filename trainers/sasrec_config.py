@@ -16,9 +16,11 @@ LOSSES = ("ce", "bce")
 
 @dataclass
 class SASRecConfig:
-    hidden_size: int = 64
-    """Width of item/position embeddings and of every attention block."""
-    num_blocks: int = 2
+    hidden_size: int = 256
+    """Width of item/position embeddings and of every attention block. 256 with one block was chosen on valid: it
+    beats 64 with two blocks on Beauty (valid NDCG@10 0.0663 vs 0.0631) and Scientific (0.0917 vs 0.0860), as in
+    the eSASRec benchmark's run config (n_factors 256, 1 block)."""
+    num_blocks: int = 1
     """Number of stacked causal self-attention blocks."""
     num_heads: int = 1
     """Attention heads per block; must divide hidden_size."""
