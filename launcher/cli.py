@@ -26,7 +26,8 @@ def _commands():
     return {**stages.STAGES, "pipeline": stages.pipeline, "plan": stages.plan}
 
 
-USAGE = "usage: recllm <command> CONFIG [key=value ...] [--break-lock] [--debug] [-v]\ncommands: {}, submit"
+USAGE = ("usage: recllm <command> CONFIG [key=value ...] [--break-lock] [--debug] [-v] [--from STAGE]\n"
+         "commands: {}, submit")
 READERS = {"plan", "infer", "evaluate", "evaluate-loid", "evaluate-reviews"}
 """Commands that run without run_dir/.lock; every other one (a new stage too) takes it."""
 FLAGS = {"--break-lock", "--debug", "-v"}
@@ -117,6 +118,35 @@ def submit(argv: list[str]) -> int:
     return run_submission(job)
 
 
+RECORDLESS = READERS
+"""Commands that take no lock (readers, plan) record nothing: only a writer may change run_dir's own files."""
+
+
+def _take_from(argv: list[str]) -> tuple[list[str], str | None]:
+    """`--from STAGE` / `--from=STAGE` (pipeline only): removed from argv, returned apart."""
+    out, stage, i = [], None, 0
+    while i < len(argv):
+        if argv[i] == "--from" and i + 1 < len(argv):
+            stage, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith("--from="):
+            stage = argv[i].split("=", 1)[1]
+        else:
+            out.append(argv[i])
+        i += 1
+    return out, stage
+
+
+def _stages_from(stages: list[str], start: str) -> list[str]:
+    from data_pipeline.config_schema import ConfigError
+    from launcher.command_help import did_you_mean
+
+    if start not in stages:
+        raise ConfigError([f"--from {start}: not among this config's stages {stages}{did_you_mean(start, stages)}"],
+                          "command line")
+    return stages[stages.index(start):]
+
+
 def command_help_hint(flag: str) -> str:
     from launcher.command_help import did_you_mean
 
@@ -176,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if answered is not None:
         return answered
     commands = _commands()
+    argv, start_stage = _take_from(argv)
     flags = {a for a in argv if a.startswith("--") or a == "-v"}
     argv = [a for a in argv if a not in flags]
     if len(argv) < 2 or argv[0] not in commands or flags - FLAGS:
@@ -197,8 +228,17 @@ def main(argv: list[str] | None = None) -> int:
         problems = preflight_problems(cfg, argv[0])
         if problems:
             raise ConfigError(problems, "preflight")
+        import datetime as dt
+
+        started = dt.datetime.now(dt.timezone.utc)
         with _writer_lock(argv[0], cfg, "--break-lock" in flags):
+            if argv[0] == "pipeline" and start_stage:
+                cfg.stages = _stages_from(cfg.stages, start_stage)
             commands[argv[0]](cfg)
+            if argv[0] not in RECORDLESS:
+                from launcher.run_record import record_run
+
+                record_run(cfg, argv[0], argv[1], argv[2:], started)
     except Exception as exc:
         if not _is_user_error(exc):
             raise

@@ -1,6 +1,7 @@
 """A disk that fills up mid-stage: once a byte budget is spent, every write through the local filesystem (the
 one all of storage.py's writers go through) raises OSError(ENOSPC) after writing what fitted. The budget is half
-of what the stage wrote when it last succeeded, so the failure lands in its writing phase. Each stage must end
+of what the stage wrote into its output when it last succeeded (the run_dir/config/ record a command writes after
+its output is published is not counted), so the failure lands in its writing phase. Each stage must end
 in one line naming the file, exit 2, its previous complete output byte for byte as it was and no temporary
 left behind; with room again the same command succeeds with the same output."""
 
@@ -24,9 +25,13 @@ class Disk:
         self.room: int | None = None
         self.written = 0
         self.refused = 0
+        self.output: str | None = None
+        """Count (and budget) only writes into paths naming this stage output, when set."""
 
     def write(self, opener, data, *args, **kwargs):
         size = memoryview(data).nbytes
+        if self.output is not None and self.output not in opener.path:
+            return opener.f.write(data, *args, **kwargs)
         if self.room is not None and self.written + size > self.room:
             fits = max(self.room - self.written, 0)
             opener.f.write(memoryview(data).cast("B")[:fits])
@@ -65,7 +70,7 @@ def _full_disk_keeps_the_previous_output(command: str, source, disk: Disk, tmp_p
     extra = [f"data.path={source.parent / 'raw'}", "data.name=Toy"] if command == "prepare" else []
     output = run_dir / OUTPUT[command]
 
-    disk.written = 0
+    disk.written, disk.output = 0, OUTPUT[command]
     assert stage(command, run_dir, *extra) == 0  # the previous complete output, and what it takes to write it
     previous, needed = tree(output), disk.written
     assert needed > 0 and previous
