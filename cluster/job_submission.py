@@ -141,11 +141,15 @@ def _is_loopback(host: str | None) -> bool:
 
 
 def open_cluster_refusal(address: str, has_token: bool) -> str | None:
-    """Why a job must not go to ``address`` as asked, or None: plain http to another machine with no token means
-    the cluster runs jobs from anyone who can reach it (or that this client will be refused anyway)."""
+    """Why a job must not go to ``address`` as asked, or None. Plain http to another machine is refused either way:
+    with a token, the bearer token would cross the network in clear; without one, the cluster runs jobs from anyone
+    who can reach it (or this client will be refused anyway)."""
     parts = urlsplit(address if "://" in address else f"http://{address}")
-    if has_token or parts.scheme == "https" or _is_loopback(parts.hostname):
+    if parts.scheme == "https" or _is_loopback(parts.hostname):
         return None
+    if has_token:
+        return (f"refusing plain http to {address}: the cluster token would cross the network in clear; put https in "
+                f"front of the dashboard, tunnel to 127.0.0.1 (ssh -L 8265:127.0.0.1:8265 HEAD), or pass --insecure")
     return (f"refusing plain http to {address} without a cluster token: a cluster that takes this job takes anyone's "
             f"on the network; set RAY_AUTH_TOKEN or copy the head's token to ~/.ray/auth_token (README: Token auth), "
             f"tunnel to 127.0.0.1, or pass --insecure")

@@ -108,10 +108,15 @@ def submit(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"recllm submit: error: {exc}", file=sys.stderr)
         return 2
+    token = use_cluster_token()
+    refusal = None if args.insecure or not args.address else open_cluster_refusal(args.address, token)
     if args.dry_run:
-        print(json.dumps(job.as_dict(), indent=2))
+        would = (f"refused: {refusal}" if refusal else
+                 f"sent to {args.address} with {'the cluster token' if token else 'no cluster token'}"
+                 if args.address else "nothing: no --address")
+        print(json.dumps(job.as_dict(), indent=2))  # exactly the submission; what would happen goes to stderr
+        print(f"recllm submit --dry-run: the real submit would be {would}", file=sys.stderr)
         return 0
-    refusal = None if args.insecure else open_cluster_refusal(args.address, use_cluster_token())
     if refusal:
         print(f"recllm submit: error: {refusal}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ machine with no token. The cluster test starts a real head on 127.0.0.1 and alwa
 
 from __future__ import annotations
 
+import json
+
 import os
 import re
 import shutil
@@ -26,7 +28,10 @@ from tests.test_cluster_launch import (START_SCRIPT, VENV_BIN, _cluster_env, _fr
     ("http://10.0.0.1:8265", False, True),
     ("10.0.0.1:8265", False, True),             # JobSubmissionClient reads a bare host:port as http
     ("http://head.example.org:8265", False, True),
-    ("http://10.0.0.1:8265", True, False),
+    ("http://10.0.0.1:8265", True, True),       # the bearer token would cross the network in clear (issue #27)
+    ("http://head.example.org:8265", True, True),
+    ("https://head.example.org:8265", True, False),
+    ("http://127.0.0.1:8265", True, False),
     ("https://head.example.org:8265", False, False),
     ("http://127.0.0.1:8265", False, False),
     ("http://localhost:8265", False, False),
@@ -49,6 +54,22 @@ def test_submit_refuses_an_open_remote_cluster_in_one_line_unless_insecure(tmp_p
     port = _free_port()
     assert main([*argv, "--address", f"http://0.0.0.0:{port}", "--insecure"]) == 1
     assert "no Ray cluster answers" in capsys.readouterr().err
+
+
+def test_submit_with_a_token_refuses_plain_http_and_dry_run_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "secret-token-value")
+    argv = ["submit", "configs/demo.yaml", f"run_dir={tmp_path}/run", "--address", "http://10.0.0.1:8265"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the cluster token would cross the network in clear" in err[0]
+    assert "secret-token-value" not in err[0]
+    assert main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["address"] == "http://10.0.0.1:8265"
+    assert "the real submit would be refused: refusing plain http to http://10.0.0.1:8265" in out.err
+    assert main(["submit", "configs/demo.yaml", f"run_dir={tmp_path}/run", "--dry-run", "--address",
+                 "https://head.example.org:8265"]) == 0
+    assert "would be sent to https://head.example.org:8265 with the cluster token" in capsys.readouterr().err
 
 
 def _listen_addresses(port: int) -> set[str]:
