@@ -34,26 +34,32 @@ class TextExpert:
         self.trained_ids = torch.nonzero(self.trained).flatten()
         self.untrained_mix = self._neighbour_weights(neighbours, temperature)
 
-    def _neighbour_weights(self, neighbours: int, temperature: float) -> torch.Tensor | None:
-        """[untrained, trained] sparse-by-construction mixing weights: softmax(cos / temperature) over each
-        untrained item's ``neighbours`` most text-similar trained items (rows sum to 1)."""
+    def _neighbour_weights(self, neighbours: int, temperature: float,
+                           max_scores: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(indices into the trained items [untrained, k], weights [untrained, k]): each untrained item's ``k``
+        most text-similar trained items and softmax(cos / temperature) over them (rows sum to 1). The cosines are
+        computed ``max_scores`` at a time, so a million-item catalogue never holds an [untrained, trained] matrix."""
         if not len(self.untrained_ids) or not len(self.trained_ids):
             return None
-        cos = self.vectors[self.untrained_ids] @ self.vectors[self.trained_ids].T
+        trained = self.vectors[self.trained_ids]
         k = min(neighbours, len(self.trained_ids))
-        top = cos.topk(k, dim=1)
-        mix = torch.zeros_like(cos)
-        mix.scatter_(1, top.indices, torch.softmax(top.values / temperature, dim=1))
-        return mix
+        rows = max(1, max_scores // len(self.trained_ids))
+        indices, weights = [], []
+        for start in range(0, len(self.untrained_ids), rows):
+            top = (self.vectors[self.untrained_ids[start:start + rows]] @ trained.T).topk(k, dim=1)
+            indices.append(top.indices)
+            weights.append(torch.softmax(top.values / temperature, dim=1))
+        return torch.cat(indices), torch.cat(weights)
 
     def item_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[B, items] logits with each untrained item's replaced by its text neighbours' mix, normalised to
         log-probabilities over the trained items."""
         logits = logits.float().clone()
-        if self.untrained_mix is not None:
-            mix = self.untrained_mix.to(logits.device)
-            logits[:, self.untrained_ids.to(logits.device)] = logits[:, self.trained_ids.to(logits.device)] @ mix.T
         trained = self.trained_ids.to(logits.device)
+        if self.untrained_mix is not None:
+            indices, weights = (t.to(logits.device) for t in self.untrained_mix)
+            neighbour_logits = logits[:, trained][:, indices]  # [B, untrained, k]
+            logits[:, self.untrained_ids.to(logits.device)] = (neighbour_logits * weights).sum(-1)
         return logits - torch.logsumexp(logits[:, trained], dim=-1, keepdim=True)
 
     def text_scores(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -109,3 +109,16 @@ def test_documents_join_the_chosen_fields_and_skip_empty_ones():
 def test_text_config_errors_name_the_field(bad):
     problems = TextConfig(**bad).check()
     assert problems and problems[0].split(":")[0] in bad
+
+
+def test_neighbour_weights_are_the_same_computed_in_small_chunks():
+    rng = np.random.default_rng(3)
+    vectors = _unit(rng.normal(size=(60, 8)))
+    trained = rng.random(60) < 0.7
+    whole = TextExpert(vectors, trained, history=2, weight=1.0, neighbours=5)
+    chunked = TextExpert(vectors, trained, history=2, weight=1.0, neighbours=5)
+    chunked.untrained_mix = chunked._neighbour_weights(5, 0.05, max_scores=len(whole.trained_ids) * 3)
+    assert torch.equal(whole.untrained_mix[0], chunked.untrained_mix[0])  # the same neighbours
+    assert torch.allclose(whole.untrained_mix[1], chunked.untrained_mix[1], atol=1e-6)
+    logits = torch.from_numpy(rng.normal(size=(4, 60)).astype(np.float32))
+    assert torch.allclose(whole.scores(logits, [[0, 1]] * 4), chunked.scores(logits, [[0, 1]] * 4))
