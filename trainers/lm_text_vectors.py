@@ -39,7 +39,7 @@ def reader_fingerprint(size: str, checkpoint: str) -> str:
 def lm_text_encoder(size: str, checkpoint: str, layer: int, max_tokens: int, batch_size: int, threads: int = 0):
     """texts -> [len(texts), hidden] float32: the mean over each text's first ``max_tokens`` tokens of the LM's
     hidden state after decoder layer ``layer`` (the layers above it are dropped, so they cost nothing). The LM is
-    built on the first call."""
+    built on the first call, and runs on the GPU when there is one."""
 
     def encode(texts: list[str]) -> np.ndarray:
         import torch
@@ -66,7 +66,8 @@ def lm_text_encoder(size: str, checkpoint: str, layer: int, max_tokens: int, bat
             raise ValueError(f"text.layer: {layer}; the reader {size} has {len(body.layers)} layers")
         body.layers = body.layers[:layer]
         body.norm = torch.nn.Identity()  # the raw residual stream after ``layer``, as measured on valid
-        body.eval()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        body.to(device).eval()
         token_ids = [ids[:max_tokens] or [tokenizer.eos_token_id]
                      for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         order = np.argsort([len(ids) for ids in token_ids], kind="stable")  # little padding per batch
@@ -84,9 +85,10 @@ def lm_text_encoder(size: str, checkpoint: str, layer: int, max_tokens: int, bat
                     for j, r in enumerate(rows):
                         ids[j, :len(token_ids[r])] = torch.tensor(token_ids[r])
                         mask[j, :len(token_ids[r])] = 1
+                    ids, mask = ids.to(device), mask.to(device)
                     states = body(input_ids=ids, attention_mask=mask).last_hidden_state
                     pooled = (states.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-                    out[rows] = pooled.numpy()
+                    out[rows] = pooled.cpu().numpy()
                     bar.update(len(rows))
         finally:
             torch.set_num_threads(previous_threads)
