@@ -188,8 +188,11 @@ def validate_tree(obj: Any, where: str = "") -> list[str]:
     return problems
 
 
-def load(cls: type, path: str | Path | None, overrides: list[str] | None = None) -> Any:
-    """Load ``cls`` from a YAML file plus ``key=value`` overrides; raise one ConfigError listing all problems."""
+def load(cls: type, path: str | Path | None, overrides: list[str] | None = None,
+         deep_check: typing.Callable[[Any], list[str]] | None = None) -> Any:
+    """Load ``cls`` from a YAML file plus ``key=value`` overrides; raise one ConfigError listing all problems.
+    ``deep_check(obj)`` adds the problems of checks that import heavy code (a recipe's rules): it runs with the
+    others unless the config has a structural problem (unknown key, wrong type), so a typo answers at once."""
     data: dict = {}
     source = str(path) if path else "defaults"
     if path:
@@ -207,8 +210,11 @@ def load(cls: type, path: str | Path | None, overrides: list[str] | None = None)
         set_dotted(data, key, value)
     problems: list[str] = []
     obj = _build(cls, data, "", problems)
+    structural = bool(problems)
     if obj is not None:
         problems += validate_tree(obj)
+        if deep_check is not None and not structural:
+            problems += deep_check(obj)
     if problems:
         raise ConfigError(problems, source)
     return obj

@@ -49,3 +49,19 @@ def test_config_prints_the_resolved_config(capsys):
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["train"]["max_steps"] == 7 and resolved["seed"] == 3
     assert resolved["data"]["name"] == "Scientific"
+
+
+def test_a_config_typo_answers_in_under_a_second_without_torch():
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time; t = time.perf_counter()\n"
+            "from launcher.cli import main\n"
+            "rc = main(['prepare', 'configs/demo.yaml', 'train.max_step=5'])\n"
+            "print(rc, round(time.perf_counter() - t, 3), 'torch' in sys.modules)")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    rc, seconds, torch_loaded = out.stdout.split()
+    assert rc == "2" and "did you mean 'max_steps'?" in out.stderr
+    assert torch_loaded == "False" and float(seconds) < 1.0, (seconds, time.perf_counter() - start)

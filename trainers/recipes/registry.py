@@ -54,6 +54,12 @@ class BuiltModel:
 
 
 OBJECTIVES: dict[str, type] = {}
+"""Registered classes by name: the shipped ones once their module is imported, and any a user registers."""
+SHIPPED: dict[str, str] = {"sft": "trainers.recipes.objectives", "sequence": "trainers.recipes.objectives",
+                           "controlrec": "trainers.recipes.objectives", "cllm4rec": "trainers.recipes.objectives",
+                           "loid": "trainers.loid.objective"}
+"""The shipped recipes' names and the module that registers each: naming them imports nothing (no torch), and a
+run imports only the module of the recipe it names."""
 
 
 def register_objective(name: str) -> Callable[[type], type]:
@@ -70,20 +76,16 @@ def register_objective(name: str) -> Callable[[type], type]:
     return register
 
 
-def _register_shipped() -> None:
-    import trainers.loid.objective  # noqa: F401 - registers the shipped recipes
-    import trainers.recipes.objectives  # noqa: F401
-
-
 def objective_class(name: str) -> type:
-    _register_shipped()
+    if name not in OBJECTIVES and name in SHIPPED:
+        import importlib
 
+        importlib.import_module(SHIPPED[name])
     if name not in OBJECTIVES:
-        raise KeyError(f"train.objective: {name!r} is not registered; registered: {sorted(OBJECTIVES)}")
+        raise KeyError(f"train.objective: {name!r} is not registered; registered: {registered_objectives()}")
     return OBJECTIVES[name]
 
 
 def registered_objectives() -> list[str]:
-    _register_shipped()
-
-    return sorted(OBJECTIVES)
+    """Every name ``train.objective`` may take, without importing any recipe."""
+    return sorted(set(OBJECTIVES) | set(SHIPPED))
