@@ -45,6 +45,11 @@ class InferConfig:
     """The text-expert weights tried on valid users when text_weight is empty."""
     text_history: int = 3
     """The text expert's query: the mean text vector of the user's last this-many history items."""
+    text_untrained_bias: float | None = None
+    """Added to the logit of every item no train sequence holds (scored from its text neighbours). Empty: chosen
+    with text_weight on the valid users, from text_untrained_biases."""
+    text_untrained_biases: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 3.0])
+    """The untrained-item biases tried on valid users when text_untrained_bias is empty."""
     model_dir: str = ""
     """Model folder (HF from_pretrained); empty: run_dir/model."""
 

@@ -246,8 +246,8 @@ def _scorer_words(infer: dict) -> str:
         return f"trie-constrained beam search ({infer.get('num_beams')} beams)"
     text = infer.get("text")
     if infer.get("scorer") == "multinomial" and text:
-        return (f"the multinomial item head + text expert (weight {text['weight']:g}, chosen on valid; the user's "
-                f"last {text['history']} items)")
+        return (f"the multinomial item head + text expert (weight {text['weight']:g} on the user's last "
+                f"{text['history']} items, untrained-item bias {text.get('untrained_bias') or 0:g}; chosen on valid)")
     return f"the `{infer.get('scorer')}` scorer"
 
 

@@ -44,7 +44,8 @@ def _settings(icfg, model_version: str, items_version: str) -> str:
             "exclude_seen": icfg.exclude_seen, "max_history": icfg.max_history, "model_version": model_version,
             "items_version": items_version}
     if icfg.text_weight is not None:  # a run with item text vectors: its weight and query change the lists
-        keys.update(text_weight=icfg.text_weight, text_history=icfg.text_history)
+        keys.update(text_weight=icfg.text_weight, text_history=icfg.text_history,
+                    text_untrained_bias=icfg.text_untrained_bias)
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -162,12 +163,13 @@ def run_infer(cfg) -> dict:
     recent = ts.recent_users(run_dir, icfg.since) if icfg.since is not None else None
     model_version = _model_version(model_dir)
     text_sweep: dict = {}
-    if icfg.scorer == "multinomial" and icfg.text_weight is None and storage.exists(layout.text_vectors):
+    if (icfg.scorer == "multinomial" and storage.exists(layout.text_vectors)
+            and (icfg.text_weight is None or icfg.text_untrained_bias is None)):
         from inference.text_weight import choose_text_weight
 
-        weight, text_sweep = choose_text_weight(cfg, model_dir, manifest["counts"]["items"],
-                                                manifest["counts"]["users"])
-        icfg = dataclasses.replace(icfg, text_weight=weight)
+        weight, bias, text_sweep = choose_text_weight(cfg, model_dir, manifest["counts"]["items"],
+                                                      manifest["counts"]["users"])
+        icfg = dataclasses.replace(icfg, text_weight=weight, text_untrained_bias=bias)
     settings = _settings(icfg, model_version, _items_version(layout))
     tasks = ts.plan_shards(users, icfg.users_per_shard, settings)
     publisher = storage.StagedFolder(topk_dir)
@@ -224,7 +226,8 @@ def run_infer(cfg) -> dict:
                "scorer": icfg.scorer, "top_k": icfg.top_k, "num_beams": icfg.num_beams}
     if icfg.text_weight is not None:
         summary["text"] = {"weight": icfg.text_weight, "history": icfg.text_history,
-                           "valid_ndcg10_by_weight": {str(w): round(v, 5) for w, v in text_sweep.items()}}
+                           "untrained_bias": icfg.text_untrained_bias,
+                           "valid_ndcg10_by_weight_bias": {k: round(v, 5) for k, v in text_sweep.items()}}
     ts.write_success(stage_dir, summary, unpublished(topk_dir))
     publish_staged(publisher, stage_dir)
     return summary

@@ -7,7 +7,7 @@ score in two ways.
 * Rows for untrained items: an item that no train sequence holds (new since training, or held out as cold) has an
   output row the model never learned. Its row is replaced by the mean of the rows of its ``neighbours`` nearest
   trained items in text space, weighted by a softmax of their cosines; the LM head being linear, its logit is the
-  same mean of those items' logits, so no hidden state and no new token is needed.
+  same mean of those items' logits (plus a bias chosen on valid), so no hidden state and no new token is needed.
 
 Scores are normalised over the trained items only, so adding items to the catalogue leaves every trained item's
 score for a user unchanged.
@@ -25,8 +25,11 @@ from data_pipeline.item_ids.text_vectors import trained_items  # noqa: F401  (th
 
 class TextExpert:
     def __init__(self, vectors: np.ndarray, trained: np.ndarray, history: int, weight: float,
-                 neighbours: int = 20, temperature: float = 0.05):
-        """``vectors`` [items, dims] unit rows (zero without text); ``trained`` bool per item: seen in training."""
+                 neighbours: int = 20, temperature: float = 0.05, untrained_bias: float = 0.0):
+        """``vectors`` [items, dims] unit rows (zero without text); ``trained`` bool per item: seen in training.
+        ``untrained_bias`` is added to every untrained item's logit: a mean of neighbours' logits is shrunk toward
+        their average, so it sits below the logits the model learned; the bias is chosen on valid users."""
+        self.untrained_bias = untrained_bias
         self.vectors = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
         self.trained = torch.from_numpy(np.asarray(trained, dtype=bool))
         self.history, self.weight = history, weight
@@ -59,7 +62,7 @@ class TextExpert:
         if self.untrained_mix is not None:
             indices, weights = (t.to(logits.device) for t in self.untrained_mix)
             neighbour_logits = logits[:, trained][:, indices]  # [B, untrained, k]
-            logits[:, self.untrained_ids.to(logits.device)] = (neighbour_logits * weights).sum(-1)
+            logits[:, self.untrained_ids.to(logits.device)] = (neighbour_logits * weights).sum(-1) + self.untrained_bias
         return logits - torch.logsumexp(logits[:, trained], dim=-1, keepdim=True)
 
     def text_scores(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -169,7 +169,8 @@ def _text_expert(run_dir: str, infer_cfg, num_items: int, absent: np.ndarray):
     train = layout.read_sequences("train", columns=["history", "target"])
     trained = trained_items(train.column("history").to_pylist(), train.column("target").to_numpy(), num_items)
     trained &= ~absent
-    return TextExpert(vectors, trained, infer_cfg.text_history, infer_cfg.text_weight or 0.0)
+    return TextExpert(vectors, trained, infer_cfg.text_history, infer_cfg.text_weight or 0.0,
+                      untrained_bias=infer_cfg.text_untrained_bias or 0.0)
 
 
 @torch.no_grad()

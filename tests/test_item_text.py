@@ -21,11 +21,11 @@ def _unit(rows) -> np.ndarray:
 def test_untrained_items_take_the_softmax_mix_of_their_text_neighbours_logits_by_hand():
     vectors = _unit([[1, 0], [0, 1], [1, 1], [1, 0.1]])  # item 3 is new; its nearest trained items: 0, then 2
     trained = np.array([True, True, True, False])
-    expert = TextExpert(vectors, trained, history=1, weight=0.0, neighbours=2, temperature=0.5)
+    expert = TextExpert(vectors, trained, history=1, weight=0.0, neighbours=2, temperature=0.5, untrained_bias=0.7)
     logits = torch.tensor([[2.0, -1.0, 0.5, 99.0]])  # the untrained item's own logit is never read
     cos = vectors[3] @ vectors[[0, 2]].T
     mix = np.exp(cos / 0.5) / np.exp(cos / 0.5).sum()
-    expected = np.array([2.0, -1.0, 0.5, mix @ np.array([2.0, 0.5])])
+    expected = np.array([2.0, -1.0, 0.5, mix @ np.array([2.0, 0.5]) + 0.7])
     expected -= np.log(np.exp(expected[:3]).sum())  # normalised over the trained items only
     assert np.allclose(expert.scores(logits, [[0]]).numpy()[0], expected, atol=1e-5)
 

@@ -41,7 +41,7 @@ def _slice(folder: Path, extra_items: int = 0) -> dict:
 def _args(run_dir: Path, raw: Path) -> list[str]:
     return [str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}", f"data.path={raw}", "data.num_shards=2",
             "ids.scheme=atomic", "model.new_token_init=mean", "text.vectors=true", "text.layer=2",
-            "text.max_tokens=16", "infer.mode=nightly", "infer.text_weight=2.0", "infer.users_per_shard=64",
+            "text.max_tokens=16", "infer.mode=nightly", "infer.text_weight=2.0", "infer.text_untrained_bias=1.0", "infer.users_per_shard=64",
             "infer.num_replicas=1", "infer.top_k=10"]
 
 
