@@ -236,10 +236,20 @@ def main(argv: list[str] | None = None) -> int:
         import datetime as dt
 
         started = dt.datetime.now(dt.timezone.utc)
+        if argv[0] != "plan":
+            from data_pipeline.library_log import route_library_logs, set_log_dir
+
+            set_log_dir(cfg.run_dir)  # other libraries' chatter: run_dir/logs/libraries.log
+            route_library_logs()
         with _writer_lock(argv[0], cfg, "--break-lock" in flags):
             if argv[0] == "pipeline" and start_stage:
                 cfg.stages = _stages_from(cfg.stages, start_stage)
             commands[argv[0]](cfg)
+            if argv[0] == "pipeline":
+                from launcher.run_summary import summary_lines
+
+                seconds = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+                print("\n".join(summary_lines(cfg, argv[1], seconds)), flush=True)
             if argv[0] not in RECORDLESS:
                 from launcher.run_record import record_run
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.library_log import import_quietly, prints_to_log
 from trainers.safetensors_slices import read_range, tensor_index
 from trainers.state_io import load_state, save_state
 from trainers.train_config import TrainConfig
@@ -70,7 +71,7 @@ def model_init_context(ds_config: dict):
     if zero_stage(ds_config) != 3:
         yield None
         return
-    import deepspeed
+    deepspeed = deepspeed_module()
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -105,7 +106,7 @@ def _uninitialised_partitioned(ds_config: dict):
     torch and HF weight init off, and the flag that keeps ``from_config`` from initialising the model afterwards
     by gathering every module in turn. Without it each rank would gather and rank 0 draw random weights for the
     whole model, only for the checkpoint to overwrite them."""
-    import deepspeed
+    deepspeed = deepspeed_module()
     from transformers.initialization import no_init_weights
     from transformers.integrations.deepspeed import prevent_arange_dtype_change
     from transformers.modeling_utils import set_zero3_state
@@ -121,7 +122,7 @@ def _is_partitioned(param: torch.nn.Parameter) -> bool:
 
 def _own_range(param: torch.nn.Parameter) -> tuple[int, int]:
     """The flat element range [start, end) of the whole tensor that this rank's partition of ``param`` holds."""
-    import deepspeed
+    deepspeed = deepspeed_module()
 
     local = param.ds_tensor
     start = local.ds_numel * deepspeed.comm.get_rank(group=param.ds_process_group)
@@ -181,7 +182,7 @@ class _Rows(torch.nn.Module):
 def _grown(old: torch.nn.Parameter, rows: int, ds_config: dict) -> torch.nn.Parameter:
     """A partitioned parameter of ``rows`` rows whose first rows are ``old``'s. Only ``old`` is gathered (read,
     not written); each rank copies its own partition's range from it, so the new one is never whole."""
-    import deepspeed
+    deepspeed = deepspeed_module()
 
     shape = tuple(old.ds_shape) if _is_partitioned(old) else tuple(old.shape)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
@@ -275,14 +276,15 @@ class OptimizerSettings:
 
 def wrap_model(model: torch.nn.Module, optim: OptimizerSettings, ds_config: dict):
     """(engine, optimizer, scheduler). A torch AdamW avoids compiling DeepSpeed's fused ops."""
-    import deepspeed
+    deepspeed = deepspeed_module()
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
     schedule = lr_lambda(optim.warmup_steps, optim.total_steps, optim.lr_schedule)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config, dist_init_required=False,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    with prints_to_log():  # "DeepSpeed ... built successfully", once per communication backend
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config, dist_init_required=False,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     log.info("DeepSpeed ZeRO-%d, micro batch %d x %d accumulation, bf16=%s", zero_stage(ds_config),
              ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"],
              ds_config.get("bf16", {}).get("enabled"))
@@ -295,7 +297,7 @@ def _trainable_names(module: torch.nn.Module) -> list[str]:
 
 def gathered_state(engine, trainable_only: bool) -> dict[str, torch.Tensor] | None:
     """Full (unpartitioned) weights on rank 0, None elsewhere; every rank must call it (ZeRO-3 gathers)."""
-    import deepspeed
+    deepspeed = deepspeed_module()
 
     module = engine.module
     names = set(_trainable_names(module)) if trainable_only else None
@@ -317,7 +319,7 @@ def param_digest(engine) -> str:
     the replicas agree."""
     import hashlib
 
-    import deepspeed
+    deepspeed = deepspeed_module()
 
     digest = hashlib.sha256()
     params = list(engine.module.named_parameters())
@@ -401,16 +403,27 @@ def load_optimizer(engine, scheduler, prefix: Path) -> None:
     scheduler.load_state_dict(state["scheduler"])
 
 
+def deepspeed_module():
+    """The deepspeed module, imported with its load-time notices (accelerator choice, a console handler of its
+    own) sent to run_dir/logs/libraries.log, in the driver as in the workers."""
+    import sys
+
+    import_quietly("deepspeed")
+    return sys.modules["deepspeed"]
+
+
 def configure_cpu_accelerator() -> None:
-    """DeepSpeed picks its accelerator at import; pin it to CPU where there is no CUDA."""
+    """DeepSpeed picks its accelerator at import; pin it to CPU where there is no CUDA. It is imported here, its
+    load-time notices going to run_dir/logs/libraries.log (data_pipeline/library_log.py)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import_quietly("deepspeed")
 
 
 def full_parameters(engine):
     """A context in which every rank holds the whole model (ZeRO-3 gathers it; other stages already do), for
     scoring code that reads weights directly, such as the beam search's own prefill."""
-    import deepspeed
+    deepspeed = deepspeed_module()
 
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None,
                                              enabled=zero_stage(engine.config) == 3)

@@ -9,6 +9,7 @@ calls a builder here; the trainer wraps what comes back. Every model is a stock 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -115,7 +116,9 @@ def attention_implementation(requested: str = "auto", dtype: torch.dtype | None 
     if not missing:
         log.info("attention: flash_attention_2 (flash_attn imports, CUDA available)")
         return "flash_attention_2"
-    level = logging.WARNING if requested == "flash_attention_2" else logging.INFO
+    # on CPU the fallback is expected: only a GPU run says why it is not using flash attention
+    level = logging.WARNING if requested == "flash_attention_2" else \
+        logging.INFO if torch.cuda.is_available() else logging.DEBUG
     log.log(level, "attention: sdpa (flash_attention_2 %s: %s)",
             "was requested but cannot run" if requested == "flash_attention_2" else "not usable", missing)
     return "sdpa"
@@ -273,8 +276,9 @@ def smollm2_135m(new_tokens: Sequence[str] = (), *, checkpoint: str = "",
     else:
         folder = smollm2_folder()
         log.info("loading smollm2_135m from %s", folder / SMOLLM2_GGUF)
-        model = LlamaForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF, dtype=torch_dtype,
-                                                 attn_implementation=attn)
+        with _no_gguf_bar():
+            model = LlamaForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF, dtype=torch_dtype,
+                                                     attn_implementation=attn)
         _drop_gguf_quantizer(_checked(model, SMOLLM2_135M, str(folder), "smollm2_135m"))
         extend_vocabulary(model, tokenizer, new_tokens, **vocab, sharded=sharded)
     return model.to(device), tokenizer
@@ -303,6 +307,24 @@ def smollm2_folder() -> Path:
     if not (folder / SMOLLM2_GGUF).is_file():
         raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} is missing; reinstall with `{SMOLLM2_INSTALL}`")
     return folder
+
+
+@contextlib.contextmanager
+def _no_gguf_bar():
+    """transformers draws a bar for the 1-2 s of de-quantizing the GGUF (its own tqdm, not behind its switch)."""
+    from functools import partial
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    drawn = getattr(gguf_utils, "tqdm", None)
+    if drawn is None:
+        yield
+        return
+    gguf_utils.tqdm = partial(drawn, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = drawn
 
 
 def _drop_gguf_quantizer(model: PreTrainedModel) -> None:

@@ -147,6 +147,10 @@ def worker_env(train, repo: Path) -> dict:
             env[key] = os.environ[key]
     if not train.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    if os.environ.get("RECLLM_RAY_VERBOSE") != "1":
+        # Ray Train turns every print in the workers into a root-logger line on the console; recllm's workers do not
+        # print, so what does (DeepSpeed's "built successfully") stays with stdout, which goes to the log file
+        env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     return env
 
 
@@ -156,8 +160,10 @@ def default_train_dir(cfg) -> str:
 
 def export_language_model(cfg, checkpoint_dir, inputs: dict, train_dir: str) -> str:
     """The default ``export``: run_dir/model/, a Hugging Face folder (see export_model)."""
+    from trainers.deepspeed_engine import deepspeed_module
     from trainers.export_model import export_checkpoint
 
+    deepspeed_module()  # the export's model build imports it; its load-time notices go to the log file
     return export_checkpoint(cfg, checkpoint_dir, inputs["new_tokens"], inputs["token_texts"],
                              prompt_format=inputs["prompt_format"])
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from data_pipeline import storage
+from data_pipeline import library_log, storage
 from data_pipeline.ray_session import quiet_ray_logs, worker_log_level
 from data_pipeline.run_layout import RunLayout
 from data_pipeline.samples.prompt_format import pad_token_id
@@ -166,6 +166,13 @@ def packed_sample_feed(cfg, config: dict, objective, tokenizer, rank: int, world
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry point on every worker. Libraries' bare prints in it (DeepSpeed's "built successfully"
+    per communication backend) go to run_dir/logs/libraries.log; recllm narrates through logging and its bar."""
+    with library_log.prints_to_log():
+        _train_loop(config)
+
+
+def _train_loop(config: dict) -> None:
     import ray.train
 
     from trainers import deepspeed_engine as dse
@@ -288,8 +295,13 @@ def train_loop_per_worker(config: dict) -> None:
             if best.offer(step, valid_metrics):  # every rank has the same all-reduced score: same decision
                 best.save(dse.gathered_state(engine, trainable_only=lora), rank, lora)
             if rank == 0:
-                log.info("step %d: %s (best %s at step %s)", step, _fmt(valid_metrics), _fmt(best.metrics),
-                         best.step)
+                round_line = f"{_fmt(valid_metrics)} (best {_fmt(best.metrics)} at step {best.step})"
+                if progress is not None and not library_log.verbose():
+                    # on the bar, not a console line per round; every round is in TensorBoard and metrics.jsonl
+                    progress.set_postfix_str(f"valid {round_line}", refresh=False)
+                    log.debug("step %d: %s", step, round_line)
+                else:
+                    log.info("step %d: %s", step, round_line)
         is_last = step == tcfg.max_steps or best.stopped
         is_log = step % tcfg.log_every == 0 or is_last or bool(valid_metrics)
         is_ckpt = (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or is_last
