@@ -40,8 +40,7 @@ def set_log_dir(run_dir: str) -> Path:
         folder = Path(tempfile.gettempdir()) / "recllm-logs" / hashlib.sha256(run_dir.encode()).hexdigest()[:12]
     else:
         folder = Path(run_dir).absolute() / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    os.environ[LOG_DIR_VARIABLE] = str(folder)
+    os.environ[LOG_DIR_VARIABLE] = str(folder)  # made on the first line written: a run that logs nothing has none
     if not verbose():
         # transformers' own bars ("Loading weights", "Writing model shards") read this when it is imported...
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -55,6 +54,14 @@ def set_log_dir(run_dir: str) -> Path:
 _handler: logging.Handler | None = None
 
 
+class _FolderMakingFileHandler(logging.FileHandler):
+    """Opens (and makes the folder of) the log file on the first record, not before."""
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
 def route_library_logs() -> None:
     """Send the library loggers of this process to the log file (once per process; no-op without a folder)."""
     path = library_log_path()
@@ -62,7 +69,7 @@ def route_library_logs() -> None:
         return
     global _handler
     if _handler is None:
-        _handler = logging.FileHandler(path, encoding="utf-8")  # append: every process of the run writes here
+        _handler = _FolderMakingFileHandler(path, encoding="utf-8", delay=True)  # append: every process writes here
         _handler.setFormatter(logging.Formatter(_FORMAT))
         _handler.set_name("recllm-library-log")
     handler = _handler
@@ -94,6 +101,7 @@ def _stream():
     """This process's open handle on the log file, kept for its life (handlers made under it keep writing)."""
     global _log_stream
     if _log_stream is None:
+        library_log_path().parent.mkdir(parents=True, exist_ok=True)
         _log_stream = open(library_log_path(), "a", encoding="utf-8", buffering=1)
     return _log_stream
 

@@ -79,3 +79,12 @@ def test_verbose_keeps_everything_on_the_console(tmp_path):
     """, tmp_path, verbose=True)
     assert done.returncode == 0, done.stderr
     assert "Setting accelerator to CPU" in done.stderr and "built successfully" in done.stdout
+
+
+def test_a_command_that_logs_nothing_leaves_no_logs_folder(tmp_path):
+    done = _run("""
+        route_library_logs()
+        logging.getLogger("recllm.prepare").warning("a data problem, recllm's own line")
+    """, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "run").exists()

@@ -96,7 +96,7 @@ def test_sigkilled_build_ids_and_build_samples_leave_the_previous_output_and_rer
                 assert tree(out) == previous, f"{command} killed {where}: {name}/ changed"
             assert comparable(tree(out)) == comparable(reference)
             visible = {p.name for p in run_dir.iterdir() if not p.name.startswith(".")}
-            assert visible <= {"dataset", "baseline", "item_ids", "samples", "config"}, visible
+            assert visible <= {"dataset", "baseline", "item_ids", "samples", "config", "logs"}, visible
         assert landed[command][-1] == "mid-write", landed  # the staged folder existed when the kill came
         _run(command, run_dir, raw, log)
         again = tree(out)

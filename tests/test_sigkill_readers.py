@@ -77,7 +77,8 @@ def _kill(proc: subprocess.Popen, delay: float | None, trigger) -> str:
 
 
 def _visible(run_dir: Path) -> set[str]:
-    return {p.name for p in run_dir.iterdir() if not p.name.startswith(".")}
+    """run_dir's stage outputs (hidden staged folders apart, and logs/, the libraries' log every command appends to)."""
+    return {p.name for p in run_dir.iterdir() if not p.name.startswith(".") and p.name != "logs"}
 
 
 def _leftovers(run_dir: Path) -> list[str]:
