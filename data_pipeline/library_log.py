@@ -44,7 +44,11 @@ def set_log_dir(run_dir: str) -> Path:
     if not verbose():
         # transformers' own bars ("Loading weights", "Writing model shards") read this when it is imported...
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        if "transformers" in sys.modules:  # ...and this switch when it already was
+        if "huggingface_hub" in sys.modules:  # ...or huggingface_hub's switch, when that was imported before
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        if "transformers" in sys.modules:  # ...and its own switch when it already was
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -50,17 +49,13 @@ def lm_text_encoder(size: str, checkpoint: str, layer: int, max_tokens: int, bat
 
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # the GGUF loader's own bars: the console keeps the item bar only
-        quiet_before = os.environ.get("TQDM_DISABLE")
-        os.environ["TQDM_DISABLE"] = "1"  # the GGUF de-quantiser's bar is a plain tqdm
+        bars_were_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # the loader's own bars: the console keeps the item bar only
         try:
             model, tokenizer = build_model(ModelConfig(size=size, checkpoint=checkpoint))
         finally:
-            hf_logging.enable_progress_bar()
-            if quiet_before is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = quiet_before
+            if bars_were_on:  # as they were: off for the rest of a quiet run (data_pipeline/library_log.py)
+                hf_logging.enable_progress_bar()
         body = model.model
         if not 1 <= layer <= len(body.layers):
             raise ValueError(f"text.layer: {layer}; the reader {size} has {len(body.layers)} layers")
