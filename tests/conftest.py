@@ -12,6 +12,20 @@ DEMO_DATA = REPO / "data" / "scientific"
 SHARED_DATASETS = Path(os.environ.get("RECLLM_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
 
 
+def scientific_slice(folder: Path, users: int) -> Path:
+    """The first `users` users of the shipped Scientific data, with the items they touch, as raw LC-Rec files."""
+    import json
+
+    inter = json.loads((DEMO_DATA / "Scientific.inter.json").read_text())
+    kept = dict(list(inter.items())[:users])
+    touched = {str(i) for seq in kept.values() for i in seq}
+    items = {k: v for k, v in json.loads((DEMO_DATA / "Scientific.item.json").read_text()).items() if k in touched}
+    folder.mkdir(parents=True)
+    (folder / "Scientific.inter.json").write_text(json.dumps(kept))
+    (folder / "Scientific.item.json").write_text(json.dumps(items))
+    return folder
+
+
 def shared_dataset(folder: str) -> Path:
     path = SHARED_DATASETS / folder
     if not path.exists():

@@ -17,25 +17,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import DEMO_DATA, REPO
+from tests.conftest import REPO, scientific_slice
 
 SLICE_USERS = 1200
 # Big enough that the old quantiser diverged on it: k-means sees several 256-row chunks per thread, and
 # batch x latent (1024 x 32) reaches torch's parallel atomic-add threshold for the codebooks' gradient.
 SMALL = ["seed=7", "stages=[prepare,train-baseline,build-ids]", "ids.levels=3", "ids.codes=64", "ids.epochs=15",
          "baseline.epochs=2", "baseline.eval_every=2"]
-
-
-def _scientific_slice(folder: Path) -> Path:
-    """The first SLICE_USERS users of the shipped data, with the items they touch."""
-    inter = json.loads((DEMO_DATA / "Scientific.inter.json").read_text())
-    users = dict(list(inter.items())[:SLICE_USERS])
-    touched = {str(i) for seq in users.values() for i in seq}
-    items = {k: v for k, v in json.loads((DEMO_DATA / "Scientific.item.json").read_text()).items() if k in touched}
-    folder.mkdir(parents=True)
-    (folder / "Scientific.inter.json").write_text(json.dumps(users))
-    (folder / "Scientific.item.json").write_text(json.dumps(items))
-    return folder
 
 
 def _start(run_dir: Path, raw: Path, threads: int) -> subprocess.Popen:
@@ -49,7 +37,7 @@ def _start(run_dir: Path, raw: Path, threads: int) -> subprocess.Popen:
 
 @pytest.mark.integration
 def test_semantic_codes_are_byte_identical_at_one_and_two_threads(tmp_path):
-    raw = _scientific_slice(tmp_path / "raw")
+    raw = scientific_slice(tmp_path / "raw", SLICE_USERS)
     runs = {threads: tmp_path / f"run_{threads}_threads" for threads in (1, 2)}
     procs = {threads: _start(run_dir, raw, threads) for threads, run_dir in runs.items()}
     for threads, proc in procs.items():

@@ -17,22 +17,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import DEMO_DATA, REPO
+from tests.conftest import REPO, scientific_slice
 
 SLICE_USERS = 600
 SHORT = ["text.vectors=false", "baseline.epochs=1", "train.max_steps=20", "train.eval_every=20",
          "train.eval_users=100", "train.checkpoint_every=20"]
-
-
-def _scientific_slice(folder: Path) -> Path:
-    inter = json.loads((DEMO_DATA / "Scientific.inter.json").read_text())
-    users = dict(list(inter.items())[:SLICE_USERS])
-    touched = {str(i) for seq in users.values() for i in seq}
-    items = {k: v for k, v in json.loads((DEMO_DATA / "Scientific.item.json").read_text()).items() if k in touched}
-    folder.mkdir(parents=True)
-    (folder / "Scientific.inter.json").write_text(json.dumps(users))
-    (folder / "Scientific.item.json").write_text(json.dumps(items))
-    return folder
 
 
 def _start(run_dir: Path, raw: Path) -> subprocess.Popen:
@@ -45,7 +34,7 @@ def _start(run_dir: Path, raw: Path) -> subprocess.Popen:
 
 @pytest.mark.integration
 def test_two_pipelines_started_together_each_see_only_their_own_ray(tmp_path):
-    raw = _scientific_slice(tmp_path / "raw")
+    raw = scientific_slice(tmp_path / "raw", SLICE_USERS)
     runs = [tmp_path / "run_a", tmp_path / "run_b"]
     procs = [_start(run_dir, raw) for run_dir in runs]
     consoles = []
