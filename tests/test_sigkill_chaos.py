@@ -20,8 +20,8 @@ import pytest
 
 from data_pipeline import storage
 from launcher.cli import main
-from tests.conftest import REPO
-from tests.test_determinism import _scientific_slice
+from tests.conftest import REPO, scientific_slice
+from tests.test_determinism import SLICE_USERS
 from tests.toy_run import comparable, tree
 
 CONFIG = str(REPO / "configs" / "alignment_sft.yaml")
@@ -71,7 +71,7 @@ def _kill(proc: subprocess.Popen, run_dir: Path, name: str, delay: float | None)
 
 @pytest.mark.integration
 def test_sigkilled_build_ids_and_build_samples_leave_the_previous_output_and_rerun_identically(tmp_path):
-    raw = _scientific_slice(tmp_path / "raw")
+    raw = scientific_slice(tmp_path / "raw", SLICE_USERS)
     run_dir, log = tmp_path / "run", tmp_path / "runs.log"
     for command in ("prepare", "train-baseline"):  # build-ids codes the baseline's item embeddings
         assert main([command, CONFIG, f"run_dir={run_dir}", f"data.path={raw}", *SMALL]) == 0
