@@ -41,6 +41,14 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+def umask_file_mode() -> int:
+    """The mode a plain open() gives a new file here (0o666 less the umask): every published file gets it, also
+    those a library wrote through a private temporary file (transformers' model.safetensors came out 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 

@@ -87,6 +87,10 @@ def test_zero2_loss_falls_and_replicas_agree(zero2_run):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert model.config.vocab_size == len(tok)
     assert json.loads((model_dir / "recllm_model.json").read_text())["step"] == 40
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in model_dir.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes  # the umask's mode, model.safetensors included
 
 
 def test_a_fresh_run_starts_over_in_a_run_dir_with_an_earlier_runs_checkpoints(zero2_run, tmp_path):

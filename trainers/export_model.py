@@ -70,6 +70,9 @@ def export_weights(cfg, weights: Path, state: dict, new_tokens: list[str], token
         if prompt_format is not None:
             (local / PROMPT_FORMAT_FILE).write_text(prompt_format.to_json())
         files = sorted(p for p in local.rglob("*") if p.is_file())
+        mode = storage.umask_file_mode()
+        for p in files:
+            p.chmod(mode)
         if remote:
             for p in files:
                 staged.put_file(p.relative_to(local).as_posix(), str(p))
