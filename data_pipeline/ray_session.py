@@ -11,6 +11,8 @@ import logging
 import os
 import socket
 
+from data_pipeline.library_log import LOG_DIR_VARIABLE, route_library_logs, verbose
+
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
 """Ray's own variable for the GCS port of a head it starts (ray._private.ray_constants)."""
 
@@ -27,10 +29,8 @@ QUIET_LOGGERS = {
 def quiet_ray_logs() -> None:
     """Worker setup hook: lower the loggers that narrate Ray's own work (runs in every Ray worker process), and
     send the libraries' loggers to run_dir/logs/libraries.log."""
-    if os.environ.get("RECLLM_RAY_VERBOSE") == "1":
+    if verbose():
         return
-    from data_pipeline.library_log import route_library_logs
-
     route_library_logs()
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
@@ -48,12 +48,12 @@ def quiet_ray_logs() -> None:
 
 def ray_train_log_level() -> str:
     """Ray Train's own console level (its LoggingConfig): its per-report and checkpoint lines stay in its logs."""
-    return "INFO" if os.environ.get("RECLLM_RAY_VERBOSE") == "1" else "WARNING"
+    return "INFO" if verbose() else "WARNING"
 
 
 def worker_log_level(rank: int) -> int:
     """The level of this project's loggers in a training worker: rank 0 narrates, the others only warn."""
-    if os.environ.get("RECLLM_RAY_VERBOSE") == "1":
+    if verbose():
         return logging.INFO
     return logging.INFO if rank == 0 else logging.WARNING
 
@@ -75,11 +75,8 @@ def connect_ray(env_vars: dict[str, str] | None = None) -> None:
     """
     import ray
 
-    from data_pipeline.library_log import LOG_DIR_VARIABLE, route_library_logs
-
     if ray.is_initialized():
         return
-    verbose = os.environ.get("RECLLM_RAY_VERBOSE") == "1"
     runtime_env: dict = {"worker_process_setup_hook": "data_pipeline.ray_session.quiet_ray_logs"}
     address = os.environ.get("RAY_ADDRESS") or None
     worker_env = dict(env_vars or {})
@@ -98,7 +95,7 @@ def connect_ray(env_vars: dict[str, str] | None = None) -> None:
         runtime_env["env_vars"] = worker_env
     try:
         ray.init(address=address, runtime_env=runtime_env, include_dashboard=False,
-                 log_to_driver=True, logging_level=logging.INFO if verbose else logging.WARNING)
+                 log_to_driver=True, logging_level=logging.INFO if verbose() else logging.WARNING)
     finally:
         if gcs_port is not None:
             os.environ.pop(GCS_PORT_VARIABLE, None)  # a later local Ray (after ray.shutdown) picks its own

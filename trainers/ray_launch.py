@@ -15,6 +15,7 @@ import numpy as np
 from data_pipeline import storage
 from data_pipeline.errors import DataError
 from data_pipeline.item_ids.item_codes import item_ids_files, read_item_ids_checked
+from data_pipeline.library_log import verbose
 from data_pipeline.ray_session import connect_ray, ray_train_log_level
 from data_pipeline.run_layout import STATS_FILE, RunLayout
 from data_pipeline.samples.prompt_format import PromptFormat
@@ -147,7 +148,7 @@ def worker_env(train, repo: Path) -> dict:
             env[key] = os.environ[key]
     if not train.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    if os.environ.get("RECLLM_RAY_VERBOSE") != "1":
+    if not verbose():
         # Ray Train turns every print in the workers into a root-logger line on the console; recllm's workers do not
         # print, so what does (DeepSpeed's "built successfully") stays with stdout, which goes to the log file
         env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
