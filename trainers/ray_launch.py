@@ -20,6 +20,7 @@ from data_pipeline.ray_session import connect_ray, ray_train_log_level
 from data_pipeline.run_layout import STATS_FILE, RunLayout
 from data_pipeline.samples.prompt_format import PromptFormat
 from trainers.model_files import check_checkpoint
+from trainers.resume_point import latest_checkpoint
 
 log = logging.getLogger("recllm.train")
 
@@ -118,18 +119,6 @@ def ray_storage(uri: str):
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def latest_checkpoint(storage_uri: str) -> str | None:
-    """The newest complete checkpoint folder under Ray's storage for this run (a URI), or None."""
-    fs, path = storage.filesystem(storage_uri)
-    states = fs.glob(f"{path.rstrip('/')}/*/checkpoint_*/trainer_state.json")
-    if not states:
-        return None
-    newest = max(states, key=lambda p: json.loads(fs.cat_file(p))["step"])
-    folder = newest.rsplit("/", 1)[0]
-    proto = storage_uri.split("://", 1)[0] + "://" if storage.is_remote(storage_uri) else ""
-    return proto + folder if proto and not folder.startswith(proto) else folder
-
-
 def worker_shape(train) -> dict:
     """How many workers, what each reserves and which collective backend: GPU + NCCL when train.use_gpu, else
     CPU + gloo. Pure, so a test (or `plan`) sees what ``run_training`` gives Ray without starting it."""
@@ -196,9 +185,10 @@ def run_training(cfg) -> dict:
         storage.remove(storage_uri)
     resume_from = None
     if t.resume:
-        path = latest_checkpoint(storage_uri)
-        if path is None:
+        found = latest_checkpoint(storage_uri)
+        if found is None:
             raise DataError(storage_uri, "train.resume=true but no checkpoint here")
+        path = found[0]
         resume_from = ray.train.Checkpoint(ray_storage(path)[0], filesystem=storage_fs)
         log.info("resuming from %s", path)
     shape = worker_shape(t)

@@ -110,6 +110,28 @@ def _fault_injection(step: int, rank: int, fault: dict) -> None:
         os._exit(1)
 
 
+def _resume_checkpoint(train_dir: str, world: int, rank: int):
+    """The checkpoint to start from: the newest one every rank finished on this run's storage. Ray's own
+    (``get_checkpoint``) can be older: it registers a checkpoint only after polling every worker's report, and a
+    worker that dies before that poll loses it (see resume_point)."""
+    import ray.train
+
+    from trainers.ray_launch import ray_storage
+    from trainers.resume_point import latest_checkpoint
+
+    registered = ray.train.get_checkpoint()
+    found = latest_checkpoint(storage.join(train_dir, "ray"), world)
+    if found is None:
+        return registered
+    folder, step = found
+    if registered is None or Path(registered.path).name != Path(folder).name:
+        if rank == 0:
+            log.warning("resuming from the step-%d checkpoint on storage (%s), which Ray had not registered "
+                        "when the worker failed", step, folder)
+    path, fs = ray_storage(folder)
+    return ray.train.Checkpoint(path, filesystem=fs)
+
+
 def _flops_per_token(model) -> float:
     n = sum(p.numel() for p in model.parameters())
     return 6.0 * n
@@ -205,7 +227,7 @@ def _train_loop(config: dict) -> None:
     built = getattr(objective_cls, "build_model", build_language_model)(cfg, {**config, "ds_config": ds_config})
     model, tokenizer, lora = built.model, built.tokenizer, built.trainable_only
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = _resume_checkpoint(train_dir, world, rank)
     trainer_state: dict = {"step": 0}
     ckpt_dir_ctx = checkpoint.as_directory() if checkpoint else None
     ckpt_dir = Path(ckpt_dir_ctx.__enter__()) if ckpt_dir_ctx else None

@@ -1,0 +1,44 @@
+"""Where a training run resumes: the newest complete checkpoint folder under Ray's storage for the run
+(`train_dir/ray/<name>/checkpoint_*`). `ray_launch` asks it for `train.resume=true`; `ray_worker` asks it after a
+worker failure, because Ray Train registers a checkpoint only once its controller has polled every worker's
+report: a worker that dies between its upload and that poll leaves a complete checkpoint on storage that Ray's
+restart does not hand back (it restarted from step 0 under load in CI).
+"""
+
+from __future__ import annotations
+
+import json
+
+from data_pipeline import storage
+
+
+def _complete(fs, folder: str, world: int | None) -> bool:
+    """Rank 0 wrote the state and the weights; every rank wrote its loader position and optimizer shard."""
+    if world is None:
+        return True
+    needed = [f"{folder}/model/weights.safetensors"]
+    for r in range(world):  # state_io writes the optimizer shard as a prefix: .safetensors and .json
+        needed += [f"{folder}/loader/rank-{r}.json", f"{folder}/optimizer/rank-{r}.safetensors",
+                   f"{folder}/optimizer/rank-{r}.json"]
+    return all(fs.exists(p) for p in needed)
+
+
+def latest_checkpoint(storage_uri: str, world: int | None = None) -> tuple[str, int] | None:
+    """(folder URI, step) of the newest checkpoint under ``storage_uri``, or None. With ``world``, only a
+    checkpoint every one of the ``world`` ranks finished writing counts."""
+    fs, path = storage.filesystem(storage_uri)
+    states = fs.glob(f"{path.rstrip('/')}/*/checkpoint_*/trainer_state.json")
+    found = []
+    for state in states:
+        folder = state.rsplit("/", 1)[0]
+        if _complete(fs, folder, world):
+            found.append((json.loads(fs.cat_file(state))["step"], folder))
+    if not found:
+        return None
+    step, folder = max(found)
+    proto = storage_uri.split("://", 1)[0] + "://" if storage.is_remote(storage_uri) else ""
+    return (proto + folder if proto and not folder.startswith(proto) else folder), step
+
+
+def checkpoint_step(folder: str) -> int:
+    return storage.read_json(storage.join(folder, "trainer_state.json"))["step"]
