@@ -208,6 +208,11 @@ def load(cls: type, path: str | Path | None, overrides: list[str] | None = None,
             raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], source)
     for key, value in parse_overrides(overrides or []):
         set_dotted(data, key, value)
+    return from_mapping(cls, data, source, deep_check)
+
+
+def from_mapping(cls: type, data: dict, source: str, deep_check: typing.Callable[[Any], list[str]] | None = None) -> Any:
+    """``cls`` built from a mapping (a parsed YAML tree) with every check ``load`` runs."""
     problems: list[str] = []
     obj = _build(cls, data, "", problems)
     structural = bool(problems)

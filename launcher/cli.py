@@ -203,6 +203,20 @@ def _help(argv: list[str]) -> int | None:
     return None
 
 
+def _start_from_record(cfg, argv: list[str], start_stage: str | None):
+    """The sections of the stages before this command come from what run_dir recorded (launcher/recorded_config)."""
+    from launcher.config import config_from_mapping
+    from launcher.recorded_config import start_from_record
+
+    command = argv[0]
+    first = (start_stage or (cfg.stages[0] if cfg.stages else None)) if command == "pipeline" else command
+    cfg, line = start_from_record(cfg, argv[1], argv[2:], first,
+                                  lambda data: config_from_mapping(data, f"{argv[1]} + run_dir record"))
+    if line:
+        print(line, flush=True)
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["submit"]:
@@ -228,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(argv[1], argv[2:])
+        cfg = _start_from_record(cfg, argv, start_stage)
         from launcher.preflight import preflight_problems
 
         problems = preflight_problems(cfg, argv[0])
@@ -251,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
                 print("\n".join(summary_lines(cfg, argv[1], seconds)), flush=True)
             if argv[0] not in RECORDLESS:
-                from launcher.run_record import record_run
+                from launcher.run_record import record_run, stages_run
 
-                record_run(cfg, argv[0], argv[1], argv[2:], started)
+                record_run(cfg, argv[0], argv[1], argv[2:], started, stages_run(cfg, argv[0]))
     except Exception as exc:
         if not _is_user_error(exc):
             raise

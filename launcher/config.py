@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from data_pipeline.config import DataConfig
-from data_pipeline.config_schema import load, positive
+from data_pipeline.config_schema import from_mapping, load, positive
 from data_pipeline.item_ids.config import IdsConfig
 from data_pipeline.item_ids.text_config import TextConfig
 from data_pipeline.reviews.config import ReviewsConfig
@@ -105,3 +105,7 @@ def recipe_problems(cfg: RecllmConfig) -> list[str]:
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> RecllmConfig:
     return load(RecllmConfig, path, overrides, deep_check=recipe_problems)
+
+
+def config_from_mapping(data: dict, source: str) -> RecllmConfig:
+    return from_mapping(RecllmConfig, data, source, deep_check=recipe_problems)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,10 @@ def test_build_ids_and_evaluate_read_the_baseline_and_train_none(trained, monkey
 
 def test_a_baseline_with_other_settings_or_another_dataset_is_refused(trained, tmp_path, capsys):
     _fake_topk(trained)
+    assert _run("evaluate", trained, "baseline.epochs=4") == 2  # the run_dir's record answers first
+    [err] = _error_lines(capsys)
+    assert "baseline.epochs=4 conflicts with 3, which `train-baseline` used" in err
+    shutil.rmtree(trained / "config")  # without the record (a run_dir copied without it) the manifest still guards
     assert _run("evaluate", trained, "baseline.epochs=4") == 2
     [err] = _error_lines(capsys)
     assert err.startswith(f"recllm evaluate: error: {trained / 'baseline' / 'manifest.json'}: ")
