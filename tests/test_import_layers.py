@@ -17,6 +17,7 @@ A module's layer is that of the longest prefix in LAYERS that names it or a pack
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ LAYERS = {
     "trainers.model_config": 4,
     "trainers.safetensors_slices": 4,  # reads slices of a checkpoint file: pure torch, no DeepSpeed
     "trainers.vocabulary": 4,  # ID tokens into a model's vocabulary and their rows
+    "trainers.sharded_build": 4,  # the port a distributed trainer fills for the builders (ZeRO-3)
     "trainers.lora_adapters": 4,
     "trainers.lm_text_embedder": 4,
     "trainers.sasrec": 4,
@@ -112,6 +114,52 @@ def test_every_module_has_a_layer():
 def test_no_import_points_up_a_layer():
     problems = upward_imports()
     assert not problems, "imports that point up a layer:\n" + "\n".join(problems)
+
+
+def import_circles() -> list[list[str]]:
+    """Every set of project modules that import each other round (Tarjan's strongly connected components of the
+    graph of every import, inside functions and under TYPE_CHECKING too), each sorted."""
+    modules = project_modules()
+    graph = {m: {t for _, t in imported_modules(m, p, set(modules)) if t in modules and t != m}
+             for m, p in modules.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            part = stack[stack.index(node):]
+            del stack[stack.index(node):]
+            if len(part) > 1:
+                circles.append(sorted(part))
+
+    for module in graph:
+        if module not in index:
+            visit(module)
+    return circles
+
+
+def test_no_import_circle():
+    circles = import_circles()
+    assert not circles, "modules that import each other round:\n" + "\n".join(" <-> ".join(c) for c in circles)
+
+
+def test_the_circle_finder_sees_a_circle(monkeypatch):
+    """A ring through an import inside a function is found (the finder can fail)."""
+    fake = {"trainers.a": Path("a.py"), "trainers.b": Path("b.py")}
+    sources = {"a.py": "def f():\n    from trainers import b\n", "b.py": "from trainers.a import f\n"}
+    monkeypatch.setattr(sys.modules[__name__], "project_modules", lambda: fake)
+    monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: sources[self.name])
+    assert import_circles() == [["trainers.a", "trainers.b"]]
 
 
 def test_layers_are_whole_packages_for_ranking_and_inference():

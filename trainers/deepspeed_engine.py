@@ -75,7 +75,7 @@ def model_init_context(ds_config: dict):
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from trainers.models import ShardedBuild
+    from trainers.sharded_build import ShardedBuild
 
     _release_large_frees()
     hf_config = HfDeepSpeedConfig(ds_config)  # HF holds it by weak reference: ZeRO-3 init while this lives

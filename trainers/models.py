@@ -12,8 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gener
 
 from trainers.model_config import ATTN_IMPLEMENTATIONS, FAMILIES, ModelConfig
 from trainers.safetensors_slices import read_range, tensor_index
+from trainers.sharded_build import ShardedBuild
 from trainers.vocabulary import (extend_vocabulary, fresh_token_vectors, log_vocabulary, new_rows,
                                   plan_vocabulary, text_pieces)
 
@@ -67,24 +67,6 @@ class LlamaShape:
                  "num_heads": config.num_attention_heads, "num_kv_heads": config.num_key_value_heads,
                  "intermediate_size": config.intermediate_size}
         return [f"{k}: checkpoint {v}, expected {getattr(self, k)}" for k, v in found.items() if v != getattr(self, k)]
-
-
-@dataclass(frozen=True)
-class ShardedBuild:
-    """What a distributed trainer hands the builders when parameters are partitioned as they are created
-    (ZeRO-3, see ``trainers.deepspeed_engine.model_init_context``), so that no rank ever holds the whole model."""
-
-    empty_init: Callable[[], AbstractContextManager]
-    """A context whose modules are created partitioned and left uninitialised: a checkpoint fills them."""
-    load_weights: Callable[..., None]
-    """``(model, folder, grown=names)``: fill the model from a checkpoint folder's safetensors, each rank
-    reading only its own slices; a tensor named in ``grown`` fills the first rows of a longer parameter."""
-    gather: Callable[[list[torch.nn.Parameter]], AbstractContextManager]
-    """A context in which the listed parameters are whole, and rank 0's writes persist."""
-    resize_vocabulary: Callable[[PreTrainedModel, int], None]
-    """Grow the embedding (and an untied head) to this many rows, the new ones partitioned too."""
-    write_rows: Callable[[torch.nn.Parameter, list[int], torch.Tensor], None]
-    """Write whole rows at these ids, each rank only the part of them its own partition holds."""
 
 
 # Published LLaMA-2 shapes (Touvron et al. 2023; meta-llama/Llama-2-{7,13}b-hf config.json).

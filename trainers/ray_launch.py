@@ -20,7 +20,7 @@ from data_pipeline.ray_session import connect_ray, ray_train_log_level
 from data_pipeline.run_layout import STATS_FILE, RunLayout
 from data_pipeline.samples.prompt_format import PromptFormat
 from trainers.model_files import check_checkpoint
-from trainers.resume_point import latest_checkpoint
+from trainers.resume_point import latest_checkpoint, ray_storage
 
 log = logging.getLogger("recllm.train")
 
@@ -106,17 +106,6 @@ def collaborative_vectors(cfg, run_dir: str, new_tokens: list[str]) -> dict[str,
         raise DataError(layout.item_codes, "model.new_token_init=collab needs atomic item "
                         "tokens or a semantic codebook; this scheme has neither")
     return single
-
-
-def ray_storage(uri: str):
-    """(storage_path, storage_filesystem) for Ray Train: a local folder as it is; a remote URI through the same
-    fsspec filesystem the other stages use (so its endpoint and credentials apply to checkpoints too)."""
-    if not storage.is_remote(uri):
-        return uri, None
-    import pyarrow.fs
-
-    fs, path = storage.filesystem(uri)
-    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
 def worker_shape(train) -> dict:

@@ -116,8 +116,7 @@ def _resume_checkpoint(train_dir: str, world: int, rank: int):
     worker that dies before that poll loses it (see resume_point)."""
     import ray.train
 
-    from trainers.ray_launch import ray_storage
-    from trainers.resume_point import latest_checkpoint
+    from trainers.resume_point import latest_checkpoint, ray_storage
 
     registered = ray.train.get_checkpoint()
     found = latest_checkpoint(storage.join(train_dir, "ray"), world)

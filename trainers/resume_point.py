@@ -1,9 +1,9 @@
-"""Where a training run resumes: the newest complete checkpoint folder under Ray's storage for the run
-(`train_dir/ray/<name>/checkpoint_*`). `ray_launch` asks it for `train.resume=true`; `ray_worker` asks it after a
-worker failure, because Ray Train registers a checkpoint only once its controller has polled every worker's
-report: a worker that dies between its upload and that poll leaves a complete checkpoint on storage that Ray's
-restart does not hand back (it restarted from step 0 under load in CI).
-"""
+"""Where a training run keeps its Ray checkpoints and where it resumes. ``ray_storage`` gives Ray Train the run's
+storage (a local folder, or a remote URI through the project's fsspec filesystem). ``latest_checkpoint`` finds the
+newest complete checkpoint folder there (`train_dir/ray/<name>/checkpoint_*`): `ray_launch` asks it for
+`train.resume=true`; `ray_worker` asks it after a worker failure, because Ray Train registers a checkpoint only once
+its controller has polled every worker's report: a worker that dies between its upload and that poll leaves a
+complete checkpoint on storage that Ray's restart does not hand back (it restarted from step 0 under load in CI)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,17 @@ def _complete(fs, folder: str, world: int | None) -> bool:
         needed += [f"{folder}/loader/rank-{r}.json", f"{folder}/optimizer/rank-{r}.safetensors",
                    f"{folder}/optimizer/rank-{r}.json"]
     return all(fs.exists(p) for p in needed)
+
+
+def ray_storage(uri: str):
+    """(storage_path, storage_filesystem) for Ray Train: a local folder as it is; a remote URI through the same
+    fsspec filesystem the other stages use (so its endpoint and credentials apply to checkpoints too)."""
+    if not storage.is_remote(uri):
+        return uri, None
+    import pyarrow.fs
+
+    fs, path = storage.filesystem(uri)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
 def latest_checkpoint(storage_uri: str, world: int | None = None) -> tuple[str, int] | None:

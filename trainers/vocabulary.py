@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trainers.model_config import NEW_TOKEN_INITS
 
 if TYPE_CHECKING:
-    from trainers.models import ShardedBuild
+    from trainers.sharded_build import ShardedBuild
 
 log = logging.getLogger("recllm.model")
 
