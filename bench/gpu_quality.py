@@ -42,7 +42,7 @@ from launcher.config import load_config  # noqa: E402
 from trainers.models import build_model, count_parameters  # noqa: E402
 from trainers.packing import Packer  # noqa: E402
 from trainers.ray_launch import training_inputs  # noqa: E402
-from trainers.ray_worker import SAMPLE_COLUMNS, SampleFeed, tokenizing_transform  # noqa: E402
+from trainers.packed_lm import SAMPLE_COLUMNS, SampleFeed, tokenizing_transform  # noqa: E402
 from trainers.recipes.registry import ObjectiveContext, objective_class  # noqa: E402
 from trainers.validation import VALID_METRIC, ValidationRound  # noqa: E402
 

@@ -39,7 +39,7 @@ from ranking.ranking_metrics import hit_rate_at_k, ndcg_at_k  # noqa: E402
 from ranking.constrained_beam_search import build_token_trie  # noqa: E402
 from ranking.topk_scorer import TopKScorer  # noqa: E402
 from trainers.models import tiny  # noqa: E402
-from trainers.ray_launch import collaborative_vectors  # noqa: E402
+from trainers.packed_lm import collaborative_vectors  # noqa: E402
 from trainers.recipes.restricted_softmax import grouped_token_loss, token_groups  # noqa: E402
 from trainers.validation import valid_sample  # noqa: E402
 

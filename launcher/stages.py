@@ -110,17 +110,16 @@ def _new_token_count(cfg) -> tuple[int, str]:
 
 
 def plan(cfg) -> None:
-    """The packed language-model run's plan, or, for an objective with a ``memory_workloads`` hook (LoID), the
-    plan of each run it trains: the largest is shown and checked."""
+    """The packed language-model run's plan, or, for a recipe whose ``memory_workloads`` lists its runs (LoID),
+    the plan of each run it trains: the largest is shown and checked."""
     from trainers.memory_plan import GIB, check_plan, plan_memory
     from trainers.recipes.registry import objective_class
 
-    describe = getattr(objective_class(cfg.train.objective), "memory_workloads", None)
-    if describe is None:
+    workloads = objective_class(cfg.train.objective).memory_workloads(cfg)
+    if workloads is None:
         count, source = _new_token_count(cfg)
         plans, sources = [plan_memory(cfg, count)], f"new tokens: {count:,} ({source})"
     else:
-        workloads = describe(cfg)
         plans = [plan_memory(cfg, 0, workload=w) for w in workloads]
         sources = "; ".join([f"new tokens: {plans[0].new_tokens:,}", *dict.fromkeys(w.note for w in workloads)])
     largest = max(plans, key=lambda p: p.total)

@@ -1,8 +1,8 @@
 """The loop each Ray Train worker runs for `recllm train`: build the model with the new tokens, wrap it in
 DeepSpeed, stream this worker's samples (tokenised inside Ray Data), pack them, train, report metrics and
 checkpoints to Ray, and resume exactly (weights, optimizer, schedule, loader position) after a failure.
-A recipe that is not a packed LM loss (LoID) brings its own model, batches and validation through optional
-hooks of its objective (recipes/registry.py); the loop stays one and never asks which recipe it runs.
+The recipe (trainers/recipes/recipe.py) builds the model, the batch feed and the loss, and a recipe that is not a
+packed LM loss (LoID) overrides them; the loop calls its methods and never asks which recipe it runs.
 """
 
 from __future__ import annotations
@@ -15,89 +15,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from data_pipeline import library_log, storage
 from data_pipeline.ray_session import quiet_ray_logs, worker_log_level
-from data_pipeline.run_layout import RunLayout
-from data_pipeline.samples.prompt_format import pad_token_id
-from trainers.packing import Packer, TokenizedSample, tokenize_sample
 from trainers.best_checkpoint import BestCheckpoint
 
 log = logging.getLogger("recllm.train")
-
-SAMPLE_COLUMNS = ["sample_id", "task", "prompt", "response"]
-
-
-def tokenizing_transform(tokenizer, tasks: list[str], seq_len: int, entity_index=None):
-    """A Ray Data map function: sample rows -> token ids (one output row per input row); with an
-    ``entity_index`` (ControlRec's visibility matrix) also the item/user each token names."""
-    task_index = {t: i for i, t in enumerate(tasks)}
-
-    def transform(table: pa.Table) -> pa.Table:
-        ids, prompt_lens, entities = [], [], []
-        for task, prompt, response in zip(table.column("task").to_pylist(), table.column("prompt").to_pylist(),
-                                          table.column("response").to_pylist()):
-            if entity_index is None:
-                tokens, n_prompt = tokenize_sample(tokenizer, prompt, response, seq_len, task)
-            else:
-                from trainers.recipes.visibility import tokenize_with_entities
-
-                tokens, n_prompt, ents = tokenize_with_entities(tokenizer, prompt, response, seq_len,
-                                                                entity_index, task)
-                entities.append(ents)
-            ids.append(tokens)
-            prompt_lens.append(n_prompt)
-        columns = {"sample_id": table.column("sample_id"),
-                   "task": pa.array([task_index[t] for t in table.column("task").to_pylist()], pa.int32()),
-                   "input_ids": pa.array(ids, pa.list_(pa.int32())),
-                   "prompt_len": pa.array(prompt_lens, pa.int32())}
-        if entity_index is not None:
-            columns["entities"] = pa.array(entities, pa.list_(pa.int64()))
-        return pa.table(columns)
-
-    return transform
-
-
-class SampleFeed:
-    """This worker's endless sample stream (epochs repeat) feeding the packer; resumable."""
-
-    def __init__(self, stream, packer: Packer):
-        self.stream, self.packer = stream, packer
-        self._iter = None
-
-    def state_dict(self) -> dict:
-        return {"stream": self.stream.state_dict(), "packer": self.packer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state["stream"])
-        self.packer.load_state_dict(state["packer"])
-
-    def _next_table(self) -> pa.Table:
-        for _ in range(2):
-            if self._iter is None:
-                self._iter = iter(self.stream)
-            try:
-                return next(self._iter)
-            except StopIteration:
-                self._iter = None
-                self.stream.set_epoch(self.stream.epoch + 1)
-        raise RuntimeError("the sample stream is empty for this worker (fewer samples than workers?)")
-
-    @property
-    def epoch(self) -> int:
-        return self.stream.epoch
-
-    def next_batch(self):
-        while self.packer.need():
-            table = self._next_table()
-            entities = (table.column("entities").to_pylist() if "entities" in table.column_names
-                        else [None] * table.num_rows)
-            self.packer.add(TokenizedSample(int(s), int(t), ids, int(p), e) for s, t, ids, p, e in zip(
-                table.column("sample_id").to_pylist(), table.column("task").to_pylist(),
-                table.column("input_ids").to_pylist(), table.column("prompt_len").to_pylist(), entities))
-        return self.packer.build()
 
 
 def _fault_injection(step: int, rank: int, fault: dict) -> None:
@@ -146,46 +70,6 @@ def _peak_flops(cfg) -> float:
     return peak_bf16_flops(torch.cuda.get_device_name())
 
 
-def build_language_model(cfg, config: dict):
-    """The default ``build_model``: the LM with the run's new tokens, LoRA when train.finetune=lora. Under ZeRO-3
-    it is built and loaded partitioned, and the host memory it took is recorded."""
-    from trainers import deepspeed_engine as dse
-    from trainers.lora_adapters import apply_lora
-    from trainers.models import build_model
-    from trainers.recipes.registry import BuiltModel
-
-    tcfg, new_tokens = cfg.train, config["new_tokens"]
-    with dse.model_init_context(config["ds_config"]) as sharded:
-        memory = {"before_build": dse.host_rss()}  # after the context's imports: the build's own memory only
-        model, tokenizer = build_model(cfg.model, new_tokens, token_texts=config.get("token_texts"),
-                                       token_vectors=config.get("token_vectors"), device="cpu", seed=cfg.seed,
-                                       sharded=sharded)
-    memory.update(after_build=dse.host_rss(), **dse.model_host_bytes(model))
-    new_ids = tokenizer.convert_tokens_to_ids(new_tokens) if new_tokens else []
-    lora = tcfg.finetune == "lora"
-    if lora:
-        model = apply_lora(model, new_ids, tcfg.lora_r, tcfg.lora_alpha, tcfg.lora_dropout, tcfg.lora_target_modules)
-    if tcfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        if lora:
-            model.enable_input_require_grads()
-    return BuiltModel(model, tokenizer, trainable_only=lora, host_memory=memory)
-
-
-def packed_sample_feed(cfg, config: dict, objective, tokenizer, rank: int, world: int) -> SampleFeed:
-    """The default batch source: this worker's share of samples/train, tokenised in Ray Data, packed."""
-    from data_pipeline.streaming_reader import ShardedParquetStream
-
-    tcfg = cfg.train
-    entity_index = objective.data.entities if getattr(objective, "uses_entities", False) else None
-    stream = ShardedParquetStream(RunLayout(config["run_dir"]).samples_split("train"), rank, world, batch_size=64,
-                                  seed=cfg.seed, columns=SAMPLE_COLUMNS,
-                                  transform=tokenizing_transform(tokenizer, config["tasks"], tcfg.seq_len,
-                                                                 entity_index))
-    return SampleFeed(stream, Packer(tcfg.seq_len, tcfg.micro_batch_size, pad_token_id(tokenizer),
-                                     tcfg.packing_lookahead, tcfg.packing))
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry point on every worker. Libraries' bare prints in it (DeepSpeed's "built successfully"
     per communication backend) go to run_dir/logs/libraries.log; recllm narrates through logging and its bar."""
@@ -200,7 +84,7 @@ def _train_loop(config: dict) -> None:
 
     dse.configure_cpu_accelerator()
     from trainers.metrics_logger import MetricsLogger
-    from trainers.recipes.registry import ObjectiveContext
+    from trainers.recipes.contract import ObjectiveContext
 
     cfg = config["cfg"]
     tcfg = cfg.train
@@ -223,7 +107,7 @@ def _train_loop(config: dict) -> None:
     objective_cls = config["objective_cls"]
 
     ds_config = dse.deepspeed_config(tcfg, config["deepspeed_config"], bf16=tcfg.use_gpu)
-    built = getattr(objective_cls, "build_model", build_language_model)(cfg, {**config, "ds_config": ds_config})
+    built = objective_cls.build_model(cfg, {**config, "ds_config": ds_config})
     model, tokenizer, lora = built.model, built.tokenizer, built.trainable_only
 
     checkpoint = _resume_checkpoint(train_dir, world, rank)
@@ -246,8 +130,7 @@ def _train_loop(config: dict) -> None:
         tcfg, tasks, tokenizer, new_tokens, run_dir, cfg.seed, rank,
         getattr(getattr(model, "config", None), "_attn_implementation", "sdpa"), root=cfg, world=world,
         data=built.data))
-    batches = getattr(objective, "batches", None)
-    feed = batches(rank, world) if batches else packed_sample_feed(cfg, config, objective, tokenizer, rank, world)
+    feed = objective.batches(cfg, config, tokenizer, rank, world)
     if ckpt_dir:
         dse.load_optimizer(engine, scheduler, ckpt_dir / "optimizer" / f"rank-{rank}")
         feed.load_state_dict(json.loads((ckpt_dir / "loader" / f"rank-{rank}.json").read_text()))
@@ -255,13 +138,12 @@ def _train_loop(config: dict) -> None:
 
     metrics_log = MetricsLogger(local_train / "logs", enabled=rank == 0)
     validation = None
-    recipe_validation = getattr(objective, "validate", None)  # a recipe's own rounds (LoID: valid MSE per epoch)
-    if tcfg.eval_every and not recipe_validation:
+    if tcfg.eval_every and not objective.validates_itself:  # LoID scores its own rounds (valid MSE per epoch)
         from trainers.validation import ValidationRound
 
         validation = ValidationRound(cfg, run_dir, tokenizer, config["prompt_format"], rank, world, device)
     best = BestCheckpoint(storage.join(train_dir, "best"), tcfg.patience, trainer_state.get("best"),
-                          *getattr(objective, "selection", ()))
+                          *objective.selection)
     seen_log = None
     if tcfg.record_samples:
         (local_train / "samples_seen").mkdir(parents=True, exist_ok=True)
@@ -306,9 +188,9 @@ def _train_loop(config: dict) -> None:
         if progress:
             progress.update(1)
         valid_metrics = {}
-        if recipe_validation:
+        if objective.validates_itself:
             with dse.full_parameters(engine):
-                valid_metrics = recipe_validation(engine, step, feed, step == tcfg.max_steps)
+                valid_metrics = objective.validate(engine, step, feed, step == tcfg.max_steps)
         elif validation and (step % tcfg.eval_every == 0 or step == tcfg.max_steps):
             with dse.full_parameters(engine):
                 valid_metrics = validation.score(engine)
@@ -350,10 +232,10 @@ def _train_loop(config: dict) -> None:
             ray.train.report(metrics)
     if progress:
         progress.close()
-    finish = getattr(objective, "finish", None)  # what a recipe records about the trained model (LoID: frozen parts)
-    if finish:
+    finished = objective.finish(engine.module)  # what a recipe records about the trained model (LoID: frozen parts)
+    if finished is not None:
         (local_train / "objective").mkdir(parents=True, exist_ok=True)
-        (local_train / "objective" / f"rank-{rank}.json").write_text(json.dumps(finish(engine.module)))
+        (local_train / "objective" / f"rank-{rank}.json").write_text(json.dumps(finished))
     digest = dse.param_digest(engine)  # collective under ZeRO-3
     (local_train / "param_digest").mkdir(parents=True, exist_ok=True)
     (local_train / "param_digest" / f"rank-{rank}.txt").write_text(digest)

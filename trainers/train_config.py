@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from data_pipeline.config_schema import choice, positive
-from trainers.recipes.registry import registered_objectives
+from trainers.recipes.names import registered_objectives
 from trainers.recipes.config import CLLM4RecConfig, ControlRecConfig, SequenceConfig
 
 FINETUNE = ("lora", "full")

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from data_pipeline.run_layout import RunLayout
-from trainers.recipes.registry import BuiltModel, ObjectiveContext, register_objective
+from trainers.recipes.contract import BuiltModel, ObjectiveContext
+from trainers.recipes.recipe import PackedLMRecipe
+from trainers.recipes.registry import register_objective
 
 log = logging.getLogger("recllm.loid")
 
@@ -162,11 +164,13 @@ def _domain_ids(cfg, domain: str) -> tuple[tuple[int, int], str]:
 
 
 @register_objective("loid")
-class LoIDObjective:
+class LoIDObjective(PackedLMRecipe):
     """L = L_rec + lambda * L_cl on one domain's reviews (model.py); the best epoch by valid MSE is exported."""
 
     selection = ("valid_mse", False)
     """BestCheckpoint keeps the round with the lowest valid MSE."""
+    validates_itself = True
+    """Valid MSE after every epoch (``validate``), not the ranking rounds."""
 
     def __init__(self, reviews, run: dict, batch_size: int, seed: int, frozen_before: dict):
         self.reviews, self.run, self.batch_size, self.seed = reviews, run, batch_size, seed
@@ -277,7 +281,7 @@ class LoIDObjective:
         return cls(ctx.data["reviews"], ctx.data["run"], ctx.train.micro_batch_size, ctx.seed,
                    ctx.data["frozen_before"])
 
-    def batches(self, rank: int, world: int):
+    def batches(self, cfg, config: dict, tokenizer, rank: int, world: int):
         from trainers.loid.batches import ReviewFeed
 
         return ReviewFeed(self.reviews, self.reviews.rows("train"), self.batch_size, rank, world, self.seed)

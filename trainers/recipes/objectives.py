@@ -22,6 +22,7 @@ from ranking.constrained_beam_search import build_token_trie
 from trainers.recipes.contrastive_losses import hfm_loss, icl_loss, icl_weight, mean_pool
 from trainers.recipes.controlrec_data import ControlRecData
 from trainers.recipes.item_level_loss import ItemCodeIndex, item_level_loss, item_starts
+from trainers.recipes.recipe import PackedLMRecipe
 from trainers.recipes.registry import ObjectiveContext, objective_class, register_objective
 from trainers.recipes.restricted_softmax import (grouped_token_loss, labelled_positions, mutual_regularization,
                                                  restricted_token_loss, token_groups)
@@ -33,10 +34,8 @@ log = logging.getLogger("recllm.train")
 
 
 @register_objective("sft")
-class SFTObjective:
+class SFTObjective(PackedLMRecipe):
     """Next-token cross-entropy on the response tokens of packed rows."""
-
-    uses_entities = False
 
     def __init__(self, num_tasks: int):
         self.num_tasks = num_tasks
@@ -159,7 +158,6 @@ class ControlRecObjective(SFTObjective):
         super().__init__(num_tasks)
         self.cfg, self.data, self.tokenizer = cfg, data, tokenizer
         self.total_steps, self.seed, self.rank = total_steps, seed, rank
-        self.uses_entities = cfg.visibility
         if cfg.visibility and attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"train.controlrec.visibility needs an attention kernel that takes an additive mask "
                              f"(sdpa or eager), the model uses {attn_implementation!r}: set model.attn_implementation"
@@ -188,6 +186,10 @@ class ControlRecObjective(SFTObjective):
             problems.append(f"train.controlrec.visibility: needs items named by their IDs (ids.scheme subtoken or "
                             f"atomic), got {root.ids.scheme!r}")
         return problems
+
+    def entity_index(self):
+        """With the visibility matrix, every packed token names the item/user it belongs to."""
+        return self.data.entities if self.cfg.visibility else None
 
     def _tokens(self, text: str, max_tokens: int) -> list[int]:
         ids = self._token_cache.get(text)
