@@ -194,7 +194,8 @@ def peak_memory(device: str) -> dict:
 
 
 def set_checkpointing(model, on: bool, lora: bool) -> None:
-    """As ``ray_worker`` does it: HF gradient checkpointing, plus input grads under LoRA (frozen embedding)."""
+    """As ``packed_lm.build_language_model`` does it: HF gradient checkpointing, plus input grads under LoRA
+    (frozen embedding)."""
     if on:
         model.gradient_checkpointing_enable()
         if lora:

@@ -11,7 +11,8 @@ manifest, the sequence splits, the item codes and new tokens). Paths are ``stora
                                   codebook.safetensors, text_vectors.safetensors, stats.json
       cache/item_text/<key>       build-ids: the text reader's raw vectors, keyed by the texts and its weights
       samples/                    build-samples, build-review-samples: manifest.json, train/, valid/, test/
-      train/                      train: Ray Train checkpoints, logs/metrics.jsonl, best/
+      train/                      train (TrainLayout): ray/ (Ray Train checkpoints), best/, logs/metrics.jsonl,
+                                  samples_seen/, param_digest/, objective/, memory/ (one file a rank)
       model/                      the exported model
       topk/                       infer
       report/                     evaluate (and report/review_tasks/, report/loid/)
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -50,6 +52,63 @@ TEXT_VECTORS_FILE = "text_vectors.safetensors"
 ITEM_CODES_COLUMNS = ("item_id", "codes", "tokens")
 """What every reader of item_codes.parquet needs; ``text`` is there for the subtoken scheme only."""
 NO_DATASET = "no dataset; run `recllm prepare` first"
+
+
+class TrainLayout:
+    """Every path under one training run's folder (run_dir/train, or loid/<run>/train for LoID): Ray's checkpoints
+    and the best round (URIs), and what the trainer appends to as it goes, one file a rank. Those are written to a
+    local folder (``local_*``): train_dir itself, or a temporary mirror when train_dir is remote, which ``publish``
+    copies there at each checkpoint and at the end."""
+
+    def __init__(self, train_dir: str):
+        self.train_dir = train_dir
+        if storage.is_remote(train_dir):
+            import hashlib
+            import tempfile
+
+            key = hashlib.sha256(train_dir.encode()).hexdigest()[:12]
+            self.local = Path(tempfile.gettempdir()) / f"recllm-train-{key}"
+        else:
+            self.local = Path(train_dir)
+
+    @property
+    def ray(self) -> str:
+        return storage.join(self.train_dir, "ray")
+
+    @property
+    def best(self) -> str:
+        return storage.join(self.train_dir, "best")
+
+    @property
+    def local_logs(self) -> Path:
+        return self.local / "logs"
+
+    def local_samples_seen(self, rank: int) -> Path:
+        return self.local / "samples_seen" / f"rank-{rank}.jsonl"
+
+    def local_param_digest(self, rank: int) -> Path:
+        return self.local / "param_digest" / f"rank-{rank}.txt"
+
+    def local_objective(self, rank: int) -> Path:
+        return self.local / "objective" / f"rank-{rank}.json"
+
+    def local_memory(self, rank: int) -> Path:
+        return self.local / "memory" / f"rank-{rank}.json"
+
+    def publish(self, rank: int) -> None:
+        """Copy this rank's appended files (rank 0: the logs too) to a remote train_dir; local runs write in place."""
+        if not storage.is_remote(self.train_dir):
+            return
+        mine = [path(rank) for path in (self.local_samples_seen, self.local_param_digest, self.local_objective,
+                                         self.local_memory)]
+        if rank == 0:
+            mine += [p for p in self.local_logs.rglob("*") if p.is_file()]
+        fs, root = storage.filesystem(self.train_dir)
+        for path in mine:
+            if path.is_file():
+                rel = path.relative_to(self.local).as_posix()
+                fs.makedirs(f"{root}/{rel.rsplit('/', 1)[0]}", exist_ok=True)
+                fs.put_file(str(path), f"{root}/{rel}")
 
 
 @dataclass(frozen=True)

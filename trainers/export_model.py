@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from data_pipeline import storage
-from data_pipeline.run_layout import RunLayout
+from data_pipeline.run_layout import RunLayout, TrainLayout
 from data_pipeline.samples.prompt_format import PROMPT_FORMAT_FILE
 
 log = logging.getLogger("recllm.train")
@@ -29,7 +29,7 @@ def export_checkpoint(cfg, checkpoint_dir: str | Path, new_tokens: list[str], to
     checkpoint_dir = Path(checkpoint_dir)
     state = json.loads((checkpoint_dir / "trainer_state.json").read_text())
     weights = checkpoint_dir / "model" / "weights.safetensors"
-    best_dir = storage.join(RunLayout(storage.absolute(cfg.run_dir)).train, "best")
+    best_dir = TrainLayout(RunLayout(storage.absolute(cfg.run_dir)).train).best
     best = read_best(best_dir) if cfg.train.select_best else None
     if best is not None:
         state = {"step": best["step"], "lora": best["lora"], "valid": best["metrics"],

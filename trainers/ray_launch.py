@@ -13,6 +13,7 @@ from data_pipeline import storage
 from data_pipeline.errors import DataError
 from data_pipeline.library_log import verbose
 from data_pipeline.ray_session import connect_ray, ray_train_log_level
+from data_pipeline.run_layout import TrainLayout
 from trainers.resume_point import latest_checkpoint, ray_storage
 
 log = logging.getLogger("recllm.train")
@@ -76,12 +77,12 @@ def run_training(cfg) -> dict:
     train_dir = objective_cls.train_dir(cfg)
     repo = Path(__file__).resolve().parents[1]
     connect_ray(worker_env(t, repo))
-    storage_uri = storage.join(train_dir, "ray")
+    storage_uri = TrainLayout(train_dir).ray
     storage_path, storage_fs = ray_storage(storage_uri)
     if not t.resume:
         # A fresh run must not export an earlier run's best round, nor continue its checkpoints: Ray Train
         # restores a run silently from the latest checkpoint under the same storage_path and name.
-        storage.remove(storage.join(train_dir, "best"))
+        storage.remove(TrainLayout(train_dir).best)
         storage.remove(storage_uri)
     resume_from = None
     if t.resume:

@@ -8,8 +8,13 @@ complete checkpoint on storage that Ray's restart does not hand back (it restart
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 from data_pipeline import storage
+from data_pipeline.run_layout import TrainLayout
+
+log = logging.getLogger("recllm.train")
 
 
 def _complete(fs, folder: str, world: int | None) -> bool:
@@ -51,5 +56,20 @@ def latest_checkpoint(storage_uri: str, world: int | None = None) -> tuple[str, 
     return (proto + folder if proto and not folder.startswith(proto) else folder), step
 
 
-def checkpoint_step(folder: str) -> int:
-    return storage.read_json(storage.join(folder, "trainer_state.json"))["step"]
+def resume_checkpoint(train_dir: str, world: int, rank: int):
+    """The checkpoint to start from: the newest one every rank finished on this run's storage. Ray's own
+    (``get_checkpoint``) can be older: it registers a checkpoint only after polling every worker's report, and a
+    worker that dies before that poll loses it (see this module's docstring)."""
+    import ray.train
+
+    registered = ray.train.get_checkpoint()
+    found = latest_checkpoint(TrainLayout(train_dir).ray, world)
+    if found is None:
+        return registered
+    folder, step = found
+    if registered is None or Path(registered.path).name != Path(folder).name:
+        if rank == 0:
+            log.warning("resuming from the step-%d checkpoint on storage (%s), which Ray had not registered "
+                        "when the worker failed", step, folder)
+    path, fs = ray_storage(folder)
+    return ray.train.Checkpoint(path, filesystem=fs)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.run_layout import RunLayout
+from data_pipeline.run_layout import RunLayout, TrainLayout
 from trainers.recipes.contract import BuiltModel, ObjectiveContext
 from trainers.recipes.recipe import PackedLMRecipe
 from trainers.recipes.registry import register_objective
@@ -242,7 +242,7 @@ class LoIDObjective(PackedLMRecipe):
         run = run_spec(cfg)
         checkpoint_dir = Path(checkpoint_dir)
         state = json.loads((checkpoint_dir / "trainer_state.json").read_text())
-        best_dir = storage.join(train_dir, "best")
+        best_dir = TrainLayout(train_dir).best
         best = read_best(best_dir) if cfg.train.select_best else None
         weights = (Path(storage.local_copy(best_dir)) / "weights.safetensors" if best
                    else checkpoint_dir / "model" / "weights.safetensors")
@@ -256,9 +256,9 @@ class LoIDObjective(PackedLMRecipe):
         (out / "run.json").unlink(missing_ok=True)
         save_plugin(model.lm, run["domain"], out / "plugin")
         save_file({k: v.contiguous() for k, v in model.domain_state().items()}, str(out / "domain_state.safetensors"))
-        train_logs = [r for r in read_metrics(Path(train_dir) / "logs") if "loss" in r]
+        train_logs = [r for r in read_metrics(TrainLayout(train_dir).local_logs) if "loss" in r]
         last = train_logs[-1] if train_logs else {}
-        finished = json.loads((Path(train_dir) / "objective" / "rank-0.json").read_text())
+        finished = json.loads(TrainLayout(train_dir).local_objective(0).read_text())
         info = {**run, "steps": state["step"], "loss": last.get("loss"), "l_rec": last.get("objective/l_rec"),
                 "l_cl": last.get("objective/l_cl"), "seconds": finished["seconds"],
                 "best_step": best["step"] if best else state["step"],
