@@ -92,7 +92,8 @@ def train_variant(cfg, device: str, budget_s: float, log) -> tuple[torch.nn.Modu
     fused = device.startswith("cuda")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay, fused=fused)
-    validation = ValidationRound(cfg, run_dir, tokenizer, inputs["prompt_format"], 0, 1, device)
+    validation = ValidationRound(cfg.infer.scorer_settings(), cfg.train.eval_users, cfg.seed, run_dir, tokenizer,
+                                 inputs["prompt_format"], 0, 1, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fused else torch.autocast("cpu", enabled=False)
     best = {"step": 0, VALID_METRIC: -1.0}
     best_state, rounds, bad, stopped = None, [], 0, "max_steps"
@@ -155,8 +156,8 @@ def score_test(cfg, model, tokenizer, prompt_format, device: str, limit: int = 0
     run_dir = storage.absolute(cfg.run_dir)
     counts = RunLayout(run_dir).read_manifest()["counts"]
     users, histories, targets = test_rows(run_dir, limit)
-    icfg = dataclasses.replace(cfg.infer, top_k=max(KS), num_beams=max(cfg.infer.num_beams, max(KS)))
-    scorer = TopKScorer(run_dir, model, tokenizer, prompt_format, icfg, counts["items"], counts["users"], device)
+    settings = cfg.infer.scorer_settings(top_k=max(KS), num_beams=max(cfg.infer.num_beams, max(KS)))
+    scorer = TopKScorer(run_dir, model, tokenizer, prompt_format, settings, counts["items"], counts["users"], device)
     t0 = time.perf_counter()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
                 else torch.autocast("cpu", enabled=False))

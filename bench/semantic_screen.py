@@ -89,7 +89,8 @@ def main() -> None:
     users, targets = valid.column("user_id").to_numpy()[rows], valid.column("target").to_numpy()[rows]
     histories = [train[i] for i in rows]
     scorer = TopKScorer(run, model, tok, PromptFormat("sequence", 50, item_softmax=a.normaliser),
-                        InferConfig(scorer="beam", num_beams=20, top_k=20, exclude_seen=True, batch_size=64),
+                        InferConfig(scorer="beam", num_beams=20, top_k=20, exclude_seen=True,
+                                    batch_size=64).scorer_settings(),
                         counts["items"], counts["users"])
     optimiser = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     total_steps = a.epochs * -(-len(train) // a.users_per_step)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from data_pipeline.config import ITEM_TEXT_FIELDS
 from data_pipeline.config_schema import choice, positive
+from ranking.scorer_settings import ScorerSettings
 
 MODES = ("test", "nightly")
 SCORERS = ("beam", "multinomial")
@@ -52,6 +54,13 @@ class InferConfig:
     """The untrained-item biases tried on valid users when text_untrained_bias is empty."""
     model_dir: str = ""
     """Model folder (HF from_pretrained); empty: run_dir/model."""
+
+    def scorer_settings(self, **changes) -> ScorerSettings:
+        """What the top-K scorer reads of this section (an unset text weight or bias scores as 0), with ``changes``."""
+        settings = ScorerSettings(self.scorer, self.top_k, self.num_beams, self.batch_size, self.exclude_seen,
+                                  self.max_history, self.text_history, self.text_weight or 0.0,
+                                  self.text_untrained_bias or 0.0)
+        return dataclasses.replace(settings, **changes)
 
     def check(self) -> list[str]:
         problems = choice("mode", self.mode, MODES) + choice("scorer", self.scorer, SCORERS)

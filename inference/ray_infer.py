@@ -59,7 +59,8 @@ class ShardWorker:
         from ranking.topk_scorer import TopKScorer
 
         device = "cuda" if icfg.use_gpu else "cpu"
-        self.scorer = TopKScorer.from_model_dir(run_dir, model_dir, icfg, num_items, num_users, device)
+        self.scorer = TopKScorer.from_model_dir(run_dir, model_dir, icfg.scorer_settings(), num_items, num_users,
+                                                device)
         self.users: ts.UserHistories = ray.get(users)  # zero-copy views of the driver's one copy in the object store
         self.topk_dir = RunLayout(run_dir).topk  # the last complete run: rows to reuse
         self.stage_dir = ts.staging_dir(self.topk_dir)  # this run's shards
@@ -89,7 +90,7 @@ class ShardWorker:
             task = ts.ShardTask(int(shard), int(lo), int(hi), str(fingerprint))
             user_ids, histories = self.users.slice(task.lo, task.hi)
             hashes = [ts.history_hash(h) for h in histories]
-            items = np.full((len(user_ids), self.scorer.cfg.top_k), -1, dtype=np.int64)
+            items = np.full((len(user_ids), self.scorer.settings.top_k), -1, dtype=np.int64)
             scores = np.full(items.shape, -np.inf, dtype=np.float32)
             todo = self._reuse(task.shard, user_ids, hashes, items, scores)
             if len(todo):

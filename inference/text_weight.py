@@ -28,8 +28,8 @@ def weight_sweep(scorer, user_ids: np.ndarray, histories: list[list[int]], targe
     text = scorer.text
     untrained = text.untrained_ids
     tops = {(w, b): [] for w in weights for b in biases}
-    for start in range(0, len(user_ids), scorer.cfg.batch_size):
-        u, h = user_ids[start:start + scorer.cfg.batch_size], histories[start:start + scorer.cfg.batch_size]
+    for start in range(0, len(user_ids), scorer.settings.batch_size):
+        u, h = user_ids[start:start + scorer.settings.batch_size], histories[start:start + scorer.settings.batch_size]
         ids, mask = scorer._encode(u, h)
         base = text.item_logits(item_logits(scorer.model, ids, mask, scorer.item_token_ids))
         similarity = text.text_scores(h).to(base.device)
@@ -56,7 +56,7 @@ def choose_text_weight(cfg, model_dir: str, num_items: int, num_users: int) -> t
               else sorted(set(cfg.infer.text_untrained_biases)))
     icfg = dataclasses.replace(cfg.infer, text_weight=0.0, text_untrained_bias=0.0)
     device = "cuda" if icfg.use_gpu else "cpu"
-    scorer = TopKScorer.from_model_dir(cfg.run_dir, model_dir, icfg, num_items, num_users, device)
+    scorer = TopKScorer.from_model_dir(cfg.run_dir, model_dir, icfg.scorer_settings(), num_items, num_users, device)
     if scorer.text is None:
         return 0.0, 0.0, {}
     valid = RunLayout(cfg.run_dir).read_sequences("valid").sort_by("user_id")

@@ -15,6 +15,7 @@ from data_pipeline import storage
 from data_pipeline.run_layout import RunLayout
 from data_pipeline.samples.prompt_format import pad_token_id
 from ranking.code_trie import CodeTrie
+from ranking.scorer_settings import ScorerSettings
 
 log = logging.getLogger("recllm.infer")
 
@@ -23,28 +24,28 @@ class TopKScorer:
     """Scores users with a loaded model: the trained model of `recllm infer`, or the model in training when the
     trainer measures its valid score (``train.eval_every``), so both use one scorer and one prompt format."""
 
-    def __init__(self, run_dir: str, model, tokenizer, prompt_format, infer_cfg, num_items: int, num_users: int,
-                 device: str = "cpu"):
+    def __init__(self, run_dir: str, model, tokenizer, prompt_format, settings: ScorerSettings, num_items: int,
+                 num_users: int, device: str = "cpu"):
         from ranking.user_prompts import PromptBuilder
 
-        self.cfg, self.device, self.model, self.tokenizer = infer_cfg, device, model, tokenizer
+        self.settings, self.device, self.model, self.tokenizer = settings, device, model, tokenizer
         self.text = None
         self.normaliser = prompt_format.item_softmax if prompt_format is not None else "vocabulary"
         self.rerank = prompt_format.item_rerank if prompt_format is not None else "none"
         self.model_version = ""
-        self.prompts = PromptBuilder(run_dir, num_items, num_users, infer_cfg.max_history, prompt_format=prompt_format)
+        self.prompts = PromptBuilder(run_dir, num_items, num_users, settings.max_history, prompt_format=prompt_format)
         layout = RunLayout(run_dir)
         codes = layout.read_item_codes().sort_by("item_id")  # row r = item_id r
         self.items = codes.column("item_id").to_numpy()
         # multinomial with text vectors: an item whose token the model lacks was added since training, and is
         # scored from its text (ranking.text_expert); anywhere else such a token is an error.
-        new_from_text = infer_cfg.scorer == "multinomial" and storage.exists(layout.text_vectors)
+        new_from_text = settings.scorer == "multinomial" and storage.exists(layout.text_vectors)
         token_seqs, absent = self._token_sequences(codes, allow_absent=new_from_text)
-        if infer_cfg.scorer == "multinomial":
+        if settings.scorer == "multinomial":
             if any(len(s) != 1 for s in token_seqs):
                 raise ValueError("infer.scorer=multinomial needs one token per item (ids.scheme=atomic)")
             self.item_token_ids = torch.tensor([s[0] for s in token_seqs], dtype=torch.long)
-            self.text = _text_expert(run_dir, infer_cfg, len(self.items), absent)
+            self.text = _text_expert(run_dir, settings, len(self.items), absent)
         else:
             needs_end = len({len(s) for s in token_seqs}) > 1
             end = self.tokenizer.eos_token_id
@@ -59,7 +60,7 @@ class TopKScorer:
                 self.code_token_ids = torch.tensor(token_seqs, dtype=torch.long)
 
     @classmethod
-    def from_model_dir(cls, run_dir: str, model_dir: str, infer_cfg, num_items: int, num_users: int,
+    def from_model_dir(cls, run_dir: str, model_dir: str, settings: ScorerSettings, num_items: int, num_users: int,
                        device: str = "cpu") -> "TopKScorer":
         """The exported model, its tokenizer and the prompt format saved with it."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,7 +71,7 @@ class TopKScorer:
         local = storage.local_copy(model_dir)  # from_pretrained reads local folders only
         tokenizer = AutoTokenizer.from_pretrained(local)
         model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype).to(device).eval()
-        scorer = cls(run_dir, model, tokenizer, PromptFormat.load(model_dir), infer_cfg, num_items, num_users, device)
+        scorer = cls(run_dir, model, tokenizer, PromptFormat.load(model_dir), settings, num_items, num_users, device)
         scorer.model_version = _model_version(model_dir)
         return scorer
 
@@ -114,29 +115,29 @@ class TopKScorer:
     def score(self, user_ids: np.ndarray, histories: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """(item_ids [N, K] with -1 padding, scores [N, K]) for a batch of users."""
         out_items, out_scores = [], []
-        bs = self.cfg.batch_size
+        bs = self.settings.batch_size
         for start in range(0, len(user_ids), bs):
             u, h = user_ids[start:start + bs], histories[start:start + bs]
-            if self.cfg.scorer == "multinomial":
+            if self.settings.scorer == "multinomial":
                 ids, mask = self._encode(u, h)
-                seen = [list(x) for x in h] if self.cfg.exclude_seen else None
+                seen = [list(x) for x in h] if self.settings.exclude_seen else None
                 idx, scores = multinomial_items(self, ids, mask, seen, h)
                 items = self.items[idx.cpu().numpy()]
             else:
                 from ranking.constrained_beam_search import constrained_beam_search
 
                 prompt_rows = self._prompt_rows(u, h)
-                top_k = self.cfg.num_beams if self.cfg.exclude_seen else self.cfg.top_k
+                top_k = self.settings.num_beams if self.settings.exclude_seen else self.settings.top_k
                 items, scores = constrained_beam_search(getattr(self.model, "module", self.model), prompt_rows,
-                                                        self.trie, self.cfg.num_beams, top_k,
+                                                        self.trie, self.settings.num_beams, top_k,
                                                         normaliser=self.normaliser)
                 if self.rerank == "flat":
                     items, scores = flat_rerank(self, u, h, items, scores)
                 items, scores = items.cpu().numpy(), scores.float().cpu().numpy()
-                if self.cfg.exclude_seen:
-                    items, scores = _drop_seen(items, scores, h, self.cfg.top_k)
-            out_items.append(np.asarray(items)[:, :self.cfg.top_k])
-            out_scores.append(np.asarray(scores.cpu().numpy() if torch.is_tensor(scores) else scores)[:, :self.cfg.top_k])
+                if self.settings.exclude_seen:
+                    items, scores = _drop_seen(items, scores, h, self.settings.top_k)
+            out_items.append(np.asarray(items)[:, :self.settings.top_k])
+            out_scores.append(np.asarray(scores.cpu().numpy() if torch.is_tensor(scores) else scores)[:, :self.settings.top_k])
         return np.concatenate(out_items), np.concatenate(out_scores)
 
 
@@ -149,10 +150,10 @@ def multinomial_items(scorer: TopKScorer, ids, mask, seen, histories):
     return multinomial_topk(scorer.model, ids, mask, scorer.item_token_ids, scorer.cfg.top_k, seen, item_scores)
 
 
-def _text_expert(run_dir: str, infer_cfg, num_items: int, absent: np.ndarray):
+def _text_expert(run_dir: str, settings: ScorerSettings, num_items: int, absent: np.ndarray):
     """The text expert of ``ranking.text_expert`` when build-ids wrote item text vectors, else None. Items no train
     sequence holds, and items whose token the model lacks (``absent``), are the untrained ones; the weight is
-    infer.text_weight (0 until `recllm infer` chooses it)."""
+    the settings' text_weight (0 until `recllm infer` chooses it)."""
     import safetensors.numpy
 
     from ranking.text_expert import TextExpert, trained_items
@@ -169,8 +170,8 @@ def _text_expert(run_dir: str, infer_cfg, num_items: int, absent: np.ndarray):
     train = layout.read_sequences("train", columns=["history", "target"])
     trained = trained_items(train.column("history").to_pylist(), train.column("target").to_numpy(), num_items)
     trained &= ~absent
-    return TextExpert(vectors, trained, infer_cfg.text_history, infer_cfg.text_weight or 0.0,
-                      untrained_bias=infer_cfg.text_untrained_bias or 0.0)
+    return TextExpert(vectors, trained, settings.text_history, settings.text_weight,
+                      untrained_bias=settings.text_untrained_bias)
 
 
 @torch.no_grad()

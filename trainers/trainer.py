@@ -128,7 +128,8 @@ class Trainer:
         if tcfg.eval_every and not self.recipe.validates_itself:  # LoID scores its own rounds (valid MSE per epoch)
             from trainers.validation import ValidationRound
 
-            self.rounds = ValidationRound(self.cfg, self.inputs.recipe_inputs["run_dir"], self.tokenizer,
+            self.rounds = ValidationRound(self.cfg.infer.scorer_settings(), tcfg.eval_users, self.cfg.seed,
+                                          self.inputs.recipe_inputs["run_dir"], self.tokenizer,
                                           self.inputs.recipe_inputs["prompt_format"], rank, self.world, self.device)
         self.best = BestCheckpoint(self.layout.best, tcfg.patience, state.get("best"), *self.recipe.selection)
         self.seen_log = None

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from data_pipeline.run_layout import RunLayout
+from ranking.scorer_settings import ScorerSettings
 
 VALID_METRIC = "valid/NDCG@10"
 """The score checkpoint selection and early stopping compare."""
@@ -25,13 +26,14 @@ def valid_sample(num_rows: int, users: int, seed: int) -> np.ndarray:
 
 
 class ValidationRound:
-    def __init__(self, cfg, run_dir: str, tokenizer, prompt_format, rank: int, world: int, device: str):
+    def __init__(self, settings: ScorerSettings, eval_users: int, seed: int, run_dir: str, tokenizer, prompt_format,
+                 rank: int, world: int, device: str):
         from ranking.topk_scorer import TopKScorer
 
         layout = RunLayout(run_dir)
         counts = layout.read_manifest()["counts"]
         valid = layout.read_sequences("valid").sort_by("user_id")
-        rows = valid_sample(valid.num_rows, cfg.train.eval_users, cfg.seed)
+        rows = valid_sample(valid.num_rows, eval_users, seed)
         share = -(-len(rows) // world)
         # Every rank runs the same number of forward passes (ZeRO-3 gathers inside each one): pad the share
         # with repeats of its first row and leave the padding out of the sums.
@@ -43,10 +45,9 @@ class ValidationRound:
         self.histories = [histories[i] for i in mine]
         self.targets = valid.column("target").to_numpy()[mine]
         self.total = len(rows)
-        icfg = cfg.infer
-        top_k = max(icfg.top_k, 10)
-        icfg = dataclasses.replace(icfg, top_k=top_k, num_beams=max(icfg.num_beams, top_k))
-        self.scorer = TopKScorer(run_dir, None, tokenizer, prompt_format, icfg, counts["items"], counts["users"],
+        top_k = max(settings.top_k, 10)
+        settings = dataclasses.replace(settings, top_k=top_k, num_beams=max(settings.num_beams, top_k))
+        self.scorer = TopKScorer(run_dir, None, tokenizer, prompt_format, settings, counts["items"], counts["users"],
                                  device)
 
     @torch.no_grad()
