@@ -147,7 +147,7 @@ def multinomial_items(scorer: TopKScorer, ids, mask, seen, histories):
     # seen items are dense item_ids; the head indexes item_codes rows, which are in item_id order
     text = scorer.text
     item_scores = None if text is None else (lambda logits: text.scores(logits, histories))
-    return multinomial_topk(scorer.model, ids, mask, scorer.item_token_ids, scorer.cfg.top_k, seen, item_scores)
+    return multinomial_topk(scorer.model, ids, mask, scorer.item_token_ids, scorer.settings.top_k, seen, item_scores)
 
 
 def _text_expert(run_dir: str, settings: ScorerSettings, num_items: int, absent: np.ndarray):
