@@ -54,6 +54,34 @@ ITEM_CODES_COLUMNS = ("item_id", "codes", "tokens")
 NO_DATASET = "no dataset; run `recllm prepare` first"
 
 
+class CheckpointFiles:
+    """The files of one training checkpoint folder (train/ray/<name>/checkpoint_*), named once for the trainer that
+    writes them, the resume lookup that checks them and the exports that read them. The best round's folder
+    (train/best/) holds ``BEST_WEIGHTS`` and its state."""
+
+    STATE = "trainer_state.json"
+    """Rank 0: {step, lora, best}."""
+    WEIGHTS = "model/weights.safetensors"
+    """Rank 0: the gathered (trainable, under LoRA) weights."""
+    TOKENIZER = "model/tokenizer"
+    BEST_WEIGHTS = "weights.safetensors"
+
+    @staticmethod
+    def optimizer(rank: int) -> str:
+        """The prefix of this rank's optimizer and schedule state (state_io writes .safetensors and .json)."""
+        return f"optimizer/rank-{rank}"
+
+    @staticmethod
+    def loader(rank: int) -> str:
+        """This rank's batch feed position."""
+        return f"loader/rank-{rank}.json"
+
+    @classmethod
+    def of_rank(cls, rank: int) -> list[str]:
+        """What one rank writes into every checkpoint."""
+        return [cls.loader(rank), f"{cls.optimizer(rank)}.safetensors", f"{cls.optimizer(rank)}.json"]
+
+
 class TrainLayout:
     """Every path under one training run's folder (run_dir/train, or loid/<run>/train for LoID): Ray's checkpoints
     and the best round (URIs), and what the trainer appends to as it goes, one file a rank. Those are written to a

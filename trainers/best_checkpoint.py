@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from data_pipeline import storage
+from data_pipeline.run_layout import CheckpointFiles
 from trainers.validation import VALID_METRIC
 
 BEST_STATE = "best_state.json"
@@ -51,7 +52,7 @@ class BestCheckpoint:
         from trainers.deepspeed_engine import weights_bytes
 
         with storage.staged_folder(self.folder) as staged:
-            staged.write_bytes("weights.safetensors", weights_bytes(weights))
+            staged.write_bytes(CheckpointFiles.BEST_WEIGHTS, weights_bytes(weights))
             staged.write_bytes(BEST_STATE, json.dumps({**self.state(), "lora": lora}, indent=2).encode())
 
 

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from data_pipeline import storage
-from data_pipeline.run_layout import RunLayout, TrainLayout
+from data_pipeline.run_layout import CheckpointFiles, RunLayout, TrainLayout
 from data_pipeline.samples.prompt_format import PROMPT_FORMAT_FILE
 
 log = logging.getLogger("recllm.train")
@@ -27,14 +27,14 @@ def export_checkpoint(cfg, checkpoint_dir: str | Path, new_tokens: list[str], to
     from trainers.best_checkpoint import read_best
 
     checkpoint_dir = Path(checkpoint_dir)
-    state = json.loads((checkpoint_dir / "trainer_state.json").read_text())
-    weights = checkpoint_dir / "model" / "weights.safetensors"
+    state = json.loads((checkpoint_dir / CheckpointFiles.STATE).read_text())
+    weights = checkpoint_dir / CheckpointFiles.WEIGHTS
     best_dir = TrainLayout(RunLayout(storage.absolute(cfg.run_dir)).train).best
     best = read_best(best_dir) if cfg.train.select_best else None
     if best is not None:
         state = {"step": best["step"], "lora": best["lora"], "valid": best["metrics"],
                  "last_step": state["step"]}
-        weights = Path(storage.local_copy(best_dir)) / "weights.safetensors"
+        weights = Path(storage.local_copy(best_dir)) / CheckpointFiles.BEST_WEIGHTS
     return export_weights(cfg, weights, state, new_tokens, token_texts, out_uri, prompt_format)
 
 

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from data_pipeline import storage
-from data_pipeline.run_layout import TrainLayout
+from data_pipeline.run_layout import CheckpointFiles, TrainLayout
 
 log = logging.getLogger("recllm.train")
 
@@ -21,11 +21,8 @@ def _complete(fs, folder: str, world: int | None) -> bool:
     """Rank 0 wrote the state and the weights; every rank wrote its loader position and optimizer shard."""
     if world is None:
         return True
-    needed = [f"{folder}/model/weights.safetensors"]
-    for r in range(world):  # state_io writes the optimizer shard as a prefix: .safetensors and .json
-        needed += [f"{folder}/loader/rank-{r}.json", f"{folder}/optimizer/rank-{r}.safetensors",
-                   f"{folder}/optimizer/rank-{r}.json"]
-    return all(fs.exists(p) for p in needed)
+    needed = [CheckpointFiles.WEIGHTS] + [rel for rank in range(world) for rel in CheckpointFiles.of_rank(rank)]
+    return all(fs.exists(f"{folder}/{rel}") for rel in needed)
 
 
 def ray_storage(uri: str):
@@ -43,7 +40,7 @@ def latest_checkpoint(storage_uri: str, world: int | None = None) -> tuple[str, 
     """(folder URI, step) of the newest checkpoint under ``storage_uri``, or None. With ``world``, only a
     checkpoint every one of the ``world`` ranks finished writing counts."""
     fs, path = storage.filesystem(storage_uri)
-    states = fs.glob(f"{path.rstrip('/')}/*/checkpoint_*/trainer_state.json")
+    states = fs.glob(f"{path.rstrip('/')}/*/checkpoint_*/{CheckpointFiles.STATE}")
     found = []
     for state in states:
         folder = state.rsplit("/", 1)[0]

@@ -2,9 +2,9 @@
 the recipe's model, wraps it in DeepSpeed, resumes from the newest complete checkpoint (weights, optimizer,
 schedule, loader position) and builds the recipe and its batch feed; ``train_step`` runs one optimizer step;
 ``validate`` scores a round (the recipe's own, or the ranking rounds) and keeps the best; ``checkpoint`` reports
-metrics, and every ``train.checkpoint_every`` steps a checkpoint, to Ray; ``finish`` writes what the run leaves
-beside its checkpoints. It calls the recipe's methods (trainers/recipes/recipe.py) and never asks which recipe it
-runs. ray_worker.train_loop_per_worker drives it.
+metrics, and every ``train.checkpoint_every`` steps a checkpoint (its Checkpointer), to Ray; ``finish`` writes what
+the run leaves beside its checkpoints. It calls the recipe's methods (trainers/recipes/recipe.py) and never asks
+which recipe it runs. ray_worker.train_loop_per_worker drives it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from data_pipeline import library_log, storage
 from data_pipeline.ray_session import quiet_ray_logs, worker_log_level
 from data_pipeline.run_layout import TrainLayout
 from trainers.best_checkpoint import BestCheckpoint
+from trainers.checkpointer import Checkpointer
 
 log = logging.getLogger("recllm.train")
 
@@ -111,17 +111,17 @@ class Trainer:
         ds_config = dse.deepspeed_config(tcfg, self.inputs.deepspeed_config, bf16=tcfg.use_gpu)
         built = self.inputs.objective_cls.build_model(self.cfg, {**self.inputs.recipe_inputs, "ds_config": ds_config})
         self.tokenizer, self.lora = built.tokenizer, built.trainable_only
+        self.checkpointer = Checkpointer(dse, rank, self.lora)
         checkpoint = resume_checkpoint(self.inputs.train_dir, self.world, rank)
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as folder:
-            state = self._restore_weights(built.model, Path(folder)) if folder else {"step": 0}
+            state = self.checkpointer.restore_weights(built.model, Path(folder)) if folder else {"step": 0}
             self.engine, _, self.scheduler = dse.wrap_model(built.model, dse.OptimizerSettings.of(tcfg), ds_config)
             if built.host_memory is not None:
                 self._write(self.layout.local_memory(rank), {**built.host_memory, "after_wrap": dse.host_rss()})
             self.recipe = self._build_recipe(built)
             self.feed = self.recipe.batches(self.cfg, self.inputs.recipe_inputs, self.tokenizer, rank, self.world)
             if folder:
-                dse.load_optimizer(self.engine, self.scheduler, Path(folder) / "optimizer" / f"rank-{rank}")
-                self.feed.load_state_dict(json.loads((Path(folder) / "loader" / f"rank-{rank}.json").read_text()))
+                self.checkpointer.restore_progress(self.engine, self.scheduler, self.feed, Path(folder))
         self.step = state["step"]
         self.metrics_log = MetricsLogger(self.layout.local_logs, enabled=rank == 0)
         self.rounds = None
@@ -140,12 +140,6 @@ class Trainer:
         self.flops_per_token, self.peak = 6.0 * sum(p.numel() for p in self.engine.module.parameters()), _peak(tcfg)
         self.progress = _progress_bar(tcfg.max_steps, self.step) if rank == 0 else None
         self.engine.train()
-
-    def _restore_weights(self, model, folder: Path) -> dict:
-        state = json.loads((folder / "trainer_state.json").read_text())
-        self.dse.load_weights(model, folder / "model" / "weights.safetensors", trainable_only=self.lora)
-        log.info("resuming from %s at step %d", folder, state["step"])
-        return state
 
     def _build_recipe(self, built):
         from trainers.recipes.contract import ObjectiveContext
@@ -241,23 +235,9 @@ class Trainer:
         if not is_ckpt:
             ray.train.report(metrics)
             return
-        self._report_with_checkpoint(metrics)
+        self.checkpointer.report(self.engine, self.scheduler, self.feed, self.tokenizer, step, self.best.state(),
+                                 metrics)
         self.layout.publish(self.rank)
-
-    def _report_with_checkpoint(self, metrics: dict) -> None:
-        import ray.train
-
-        dse, rank = self.dse, self.rank
-        weights = dse.gathered_state(self.engine, trainable_only=self.lora)  # collective under ZeRO-3: every rank
-        with tempfile.TemporaryDirectory(prefix="recllm-ckpt-") as tmp:
-            tmp = Path(tmp)
-            dse.save_optimizer(self.engine, self.scheduler, tmp / "optimizer" / f"rank-{rank}")
-            self._write(tmp / "loader" / f"rank-{rank}.json", self.feed.state_dict())
-            if rank == 0:
-                dse.save_weights(weights, tmp / "model" / "weights.safetensors")
-                self.tokenizer.save_pretrained(tmp / "model" / "tokenizer")
-                self._write(tmp / "trainer_state.json", {"step": self.step, "lora": self.lora, "best": self.best.state()})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
 
     # ------------------------------------------------------------------ the end
     def finish(self) -> None:

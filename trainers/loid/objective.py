@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.run_layout import RunLayout, TrainLayout
+from data_pipeline.run_layout import CheckpointFiles, RunLayout, TrainLayout
 from trainers.recipes.contract import BuiltModel, ObjectiveContext
 from trainers.recipes.recipe import PackedLMRecipe
 from trainers.recipes.registry import register_objective
@@ -241,11 +241,11 @@ class LoIDObjective(PackedLMRecipe):
 
         run = run_spec(cfg)
         checkpoint_dir = Path(checkpoint_dir)
-        state = json.loads((checkpoint_dir / "trainer_state.json").read_text())
+        state = json.loads((checkpoint_dir / CheckpointFiles.STATE).read_text())
         best_dir = TrainLayout(train_dir).best
         best = read_best(best_dir) if cfg.train.select_best else None
-        weights = (Path(storage.local_copy(best_dir)) / "weights.safetensors" if best
-                   else checkpoint_dir / "model" / "weights.safetensors")
+        weights = (Path(storage.local_copy(best_dir)) / CheckpointFiles.BEST_WEIGHTS if best
+                   else checkpoint_dir / CheckpointFiles.WEIGHTS)
         model, _, _ = _build_for_run(cfg, run)
         missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
