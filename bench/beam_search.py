@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.item_ids.item_codes import semantic_token, semantic_vocabulary  # noqa: E402
 from ranking.code_trie import CodeTrie  # noqa: E402
+from ranking.search_flops import beam_search_flops as matmul_flops_per_user  # noqa: E402,F401  (the suite's name)
 from ranking.constrained_beam_search import (constrained_beam_search, encode_prompts,  # noqa: E402
                                                hf_prefix_allowed_tokens_fn)
 from trainers.models import from_checkpoint, smollm2_135m, tiny  # noqa: E402
@@ -76,27 +77,6 @@ def full_sequence_scores(model, prompt: list[int], codes: list[list[int]]) -> to
         logits = model(input_ids=torch.tensor([prompt + code for code in codes], device=model.device)).logits.float()
     log_probs = torch.log_softmax(logits[:, len(prompt) - 1:-1], dim=-1).cpu()
     return log_probs.gather(2, torch.tensor(codes).unsqueeze(2)).squeeze(2).sum(1)
-
-
-def matmul_flops_per_user(config, prompt_tokens: float, levels: int, num_beams: int) -> dict[str, float]:
-    """Matmul FLOPs one user costs each search (attention included, norms and softmaxes not), the floor of what
-    each can cost. Hugging Face prefills the prompt once per beam and runs every layer on every prompt token; ours
-    prefills it once, and its last layer stops at keys/values except at the last token. Both then take
-    ``levels - 1`` steps of ``num_beams`` rows through every layer and the full-vocabulary head."""
-    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q_dim, kv_dim, layers = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim, \
-        config.num_hidden_layers
-    kv = 2 * hidden * 2 * kv_dim
-    rest = 2 * hidden * q_dim + 2 * q_dim * hidden + 3 * 2 * hidden * inter
-    attention = 2 * 2 * q_dim  # per token of context
-    head = 2 * hidden * vocab
-    prompt_layer = kv + rest + attention * prompt_tokens / 2  # a prompt token attends to ~half the prompt
-    decode = (num_beams * (levels - 1) * (layers * (kv + rest + attention * prompt_tokens) + head))
-    hf = num_beams * (prompt_tokens * layers * prompt_layer + head) + decode
-    ours = prompt_tokens * (layers - 1) * prompt_layer + prompt_tokens * kv + rest + attention * prompt_tokens \
-        + head + decode
-    return {"ours": ours, "hf": hf}
 
 
 def best_seconds(runs: dict, repeats: int) -> dict:

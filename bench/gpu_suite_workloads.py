@@ -29,10 +29,7 @@ import beam_search as beam_bench  # bench/beam_search.py: HF generate, prompts, 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024 ** 3
 
-LLAMA31_8B = models.LlamaShape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-                               intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072,
-                               tie_embeddings=False, rope_theta=500000.0)
-"""meta-llama/Llama-3.1-8B's shape (its llama3 rope scaling is left out: it changes no FLOP and no byte)."""
+LLAMA31_8B = models.LLAMA31_8B
 
 
 class Unavailable(RuntimeError):

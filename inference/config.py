@@ -54,6 +54,12 @@ class InferConfig:
     """The untrained-item biases tried on valid users when text_untrained_bias is empty."""
     model_dir: str = ""
     """Model folder (HF from_pretrained); empty: run_dir/model."""
+    plan_users: int = 100_000_000
+    """`recllm plan`'s capacity plan: the users of the night it sizes."""
+    plan_gpus: int = 8
+    """`recllm plan`'s capacity plan: the GPUs the night runs on."""
+    plan_items: int = 0
+    """`recllm plan`'s capacity plan: the catalogue it sizes; 0: the prepared dataset's (or the new tokens')."""
 
     def scorer_settings(self, **changes) -> ScorerSettings:
         """What the top-K scorer reads of this section (an unset text weight or bias scores as 0), with ``changes``."""
@@ -67,6 +73,8 @@ class InferConfig:
         for name in ("top_k", "num_beams", "batch_size", "users_per_shard", "num_replicas", "cpus_per_replica",
                      "max_history", "text_history"):
             problems += positive(name, getattr(self, name))
+        problems += positive("plan_users", self.plan_users) + positive("plan_gpus", self.plan_gpus)
+        problems += positive("plan_items", self.plan_items, allow_zero=True)
         if self.text_weight is not None and self.text_weight < 0:
             problems.append(f"text_weight: {self.text_weight}; expected >= 0 (or empty: chosen on valid)")
         if not self.text_weights or any(w < 0 for w in self.text_weights):

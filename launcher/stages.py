@@ -128,7 +128,33 @@ def plan(cfg) -> None:
         print(f"{len(plans)} {largest.workload.recipe} runs, per GPU: " +
               ", ".join(f"{p.workload.run} {p.total / GIB:.2f} GiB" for p in plans) + "; the largest:")
     print(largest.table())
+    if workloads is None:  # a packed LM serves a nightly top-K: its capacity
+        print("\n".join(_infer_plan(cfg, count).lines()))
     check_plan(largest, cfg)
+
+
+def _infer_plan(cfg, new_tokens: int):
+    """The nightly infer's capacity plan for the configured model (inference/capacity_plan.py)."""
+    from inference.capacity_plan import plan_infer
+    from trainers.memory_plan import model_shape
+
+    label, config = model_shape(cfg.model)
+    items = cfg.infer.plan_items or _catalogue_size(cfg) or new_tokens
+    return plan_infer(cfg, cfg.model.size if cfg.model.size != "auto" else label, config, items, new_tokens)
+
+
+def _catalogue_size(cfg) -> int:
+    """Items of the prepared dataset, or 0 when it is not there (yet) or out of reach."""
+    import json
+
+    from data_pipeline import storage
+    from data_pipeline.run_layout import RunLayout
+
+    manifest = RunLayout(cfg.run_dir).dataset_manifest
+    try:
+        return json.loads(storage.read_text(manifest))["counts"]["items"] if storage.exists(manifest) else 0
+    except Exception:  # noqa: BLE001 - the dry run must work where run_dir is out of reach
+        return 0
 
 
 def infer(cfg) -> None:

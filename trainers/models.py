@@ -74,6 +74,10 @@ LLAMA2_7B = LlamaShape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_hea
                        vocab_size=32000, max_position_embeddings=4096, tie_embeddings=False)
 LLAMA2_13B = LlamaShape(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40, intermediate_size=13824,
                         vocab_size=32000, max_position_embeddings=4096, tie_embeddings=False)
+# meta-llama/Llama-3.1-8B's shape (its llama3 rope scaling is left out: it changes no FLOP and no byte); no size
+# names it (a checkpoint of it builds as size auto): the GPU suite and the capacity plan size it.
+LLAMA31_8B = LlamaShape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
+                        vocab_size=128256, max_position_embeddings=131072, tie_embeddings=False, rope_theta=500000.0)
 # SmolLM2-135M, as read from the GGUF; used only to check a checkpoint given for this size.
 SMOLLM2_135M = LlamaShape(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536,
                           vocab_size=49152, max_position_embeddings=8192, tie_embeddings=True, rope_theta=100000.0)
