@@ -47,8 +47,11 @@ def quiet_ray_logs() -> None:
 
 
 def ray_train_log_level() -> str:
-    """Ray Train's own console level (its LoggingConfig): its per-report and checkpoint lines stay in its logs."""
-    return "INFO" if verbose() else "WARNING"
+    """Ray Train's own console level (its LoggingConfig): its per-report and checkpoint lines, and its warnings,
+    stay in its logs (the Ray session's ray-train-*.log). A loaded CPU makes its controller warn "Failed to send
+    resource request ... safe to ignore" with a traceback; the level must be set here, because Ray Train's
+    logging config resets every ``ray.train.*`` logger's own level in its controller (QUIET_LOGGERS cannot)."""
+    return "INFO" if verbose() else "ERROR"
 
 
 def worker_log_level(rank: int) -> int:
