@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from data_pipeline.run_layout import CheckpointFiles
@@ -36,10 +37,10 @@ class Checkpointer:
         self.dse.load_optimizer(engine, scheduler, folder / CheckpointFiles.optimizer(self.rank))
         feed.load_state_dict(json.loads((folder / CheckpointFiles.loader(self.rank)).read_text()))
 
-    def report(self, engine, scheduler, feed, tokenizer, step: int, best_state: dict, metrics: dict) -> None:
-        """Write this step's checkpoint and hand it to Ray Train with the metrics (every rank calls it)."""
-        import ray.train
-
+    def report(self, engine, scheduler, feed, tokenizer, step: int, best_state: dict, metrics: dict,
+               send: Callable[[dict, Path], None]) -> None:
+        """Write this step's checkpoint and ``send(metrics, folder)`` it to Ray Train while the folder exists
+        (every rank calls it; ray_worker's session sends)."""
         dse, rank = self.dse, self.rank
         weights = dse.gathered_state(engine, trainable_only=self.trainable_only)  # collective under ZeRO-3
         with tempfile.TemporaryDirectory(prefix="recllm-ckpt-") as tmp:
@@ -49,8 +50,9 @@ class Checkpointer:
             if rank == 0:
                 dse.save_weights(weights, tmp / CheckpointFiles.WEIGHTS)
                 tokenizer.save_pretrained(tmp / CheckpointFiles.TOKENIZER)
-                _write_json(tmp / CheckpointFiles.STATE, {"step": step, "lora": self.trainable_only, "best": best_state})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+                state = {"step": step, "lora": self.trainable_only, "best": best_state}
+                _write_json(tmp / CheckpointFiles.STATE, state)
+            send(metrics, tmp)
 
 
 def _write_json(path: Path, value) -> None:

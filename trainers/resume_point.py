@@ -1,20 +1,17 @@
 """Where a training run keeps its Ray checkpoints and where it resumes. ``ray_storage`` gives Ray Train the run's
 storage (a local folder, or a remote URI through the project's fsspec filesystem). ``latest_checkpoint`` finds the
 newest complete checkpoint folder there (`train_dir/ray/<name>/checkpoint_*`): `ray_launch` asks it for
-`train.resume=true`; `ray_worker` asks it after a worker failure, because Ray Train registers a checkpoint only once
-its controller has polled every worker's report: a worker that dies between its upload and that poll leaves a
-complete checkpoint on storage that Ray's restart does not hand back (it restarted from step 0 under load in CI)."""
+`train.resume=true`; `ray_worker`'s session asks it after a worker failure, because Ray Train registers a
+checkpoint only once its controller has polled every worker's report: a worker that dies between its upload and
+that poll leaves a complete checkpoint on storage that Ray's restart does not hand back (it restarted from step 0
+under load in CI). No Ray import: the Ray calls are ray_worker's and ray_launch's."""
 
 from __future__ import annotations
 
 import json
-import logging
-from pathlib import Path
 
 from data_pipeline import storage
-from data_pipeline.run_layout import CheckpointFiles, TrainLayout
-
-log = logging.getLogger("recllm.train")
+from data_pipeline.run_layout import CheckpointFiles
 
 
 def _complete(fs, folder: str, world: int | None) -> bool:
@@ -51,22 +48,3 @@ def latest_checkpoint(storage_uri: str, world: int | None = None) -> tuple[str, 
     step, folder = max(found)
     proto = storage_uri.split("://", 1)[0] + "://" if storage.is_remote(storage_uri) else ""
     return (proto + folder if proto and not folder.startswith(proto) else folder), step
-
-
-def resume_checkpoint(train_dir: str, world: int, rank: int):
-    """The checkpoint to start from: the newest one every rank finished on this run's storage. Ray's own
-    (``get_checkpoint``) can be older: it registers a checkpoint only after polling every worker's report, and a
-    worker that dies before that poll loses it (see this module's docstring)."""
-    import ray.train
-
-    registered = ray.train.get_checkpoint()
-    found = latest_checkpoint(TrainLayout(train_dir).ray, world)
-    if found is None:
-        return registered
-    folder, step = found
-    if registered is None or Path(registered.path).name != Path(folder).name:
-        if rank == 0:
-            log.warning("resuming from the step-%d checkpoint on storage (%s), which Ray had not registered "
-                        "when the worker failed", step, folder)
-    path, fs = ray_storage(folder)
-    return ray.train.Checkpoint(path, filesystem=fs)

@@ -9,7 +9,6 @@ which recipe it runs. ray_worker.train_loop_per_worker drives it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -79,16 +78,14 @@ class StepWindow:
 class Trainer:
     """One worker's training run; the public methods are its phases, in order."""
 
-    def __init__(self, inputs: WorkerInputs):
-        import ray.train
-
-        from trainers import deepspeed_engine as dse
-
+    def __init__(self, inputs: WorkerInputs, session, dse):
+        """``session``: this worker's Ray Train session (``ray_worker.RayTrainSession``: rank, world, local rank,
+        the folder to resume from, ``report``); ``dse``: trainers.deepspeed_engine. Both come from ray_worker, the
+        one module that speaks to Ray."""
         self.inputs, self.cfg, self.tcfg = inputs, inputs.cfg, inputs.cfg.train
-        self.dse = dse
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = f"cuda:{ctx.get_local_rank()}" if self.tcfg.use_gpu else "cpu"
+        self.session, self.dse = session, dse
+        self.rank, self.world = session.rank, session.world
+        self.device = f"cuda:{session.local_rank}" if self.tcfg.use_gpu else "cpu"
         # What the run appends to as it goes (metrics, samples seen, digests) is written to a local folder and, when
         # run_dir is remote, copied there at each checkpoint and at the end.
         self.layout = TrainLayout(inputs.train_dir)
@@ -97,7 +94,6 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         from trainers.metrics_logger import MetricsLogger
-        from trainers.resume_point import resume_checkpoint
 
         dse, tcfg, rank = self.dse, self.tcfg, self.rank
         dse.configure_cpu_accelerator()
@@ -112,16 +108,15 @@ class Trainer:
         built = self.inputs.objective_cls.build_model(self.cfg, {**self.inputs.recipe_inputs, "ds_config": ds_config})
         self.tokenizer, self.lora = built.tokenizer, built.trainable_only
         self.checkpointer = Checkpointer(dse, rank, self.lora)
-        checkpoint = resume_checkpoint(self.inputs.train_dir, self.world, rank)
-        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as folder:
-            state = self.checkpointer.restore_weights(built.model, Path(folder)) if folder else {"step": 0}
+        with self.session.resumed_folder(self.inputs.train_dir) as folder:
+            state = self.checkpointer.restore_weights(built.model, folder) if folder else {"step": 0}
             self.engine, _, self.scheduler = dse.wrap_model(built.model, dse.OptimizerSettings.of(tcfg), ds_config)
             if built.host_memory is not None:
                 self._write(self.layout.local_memory(rank), {**built.host_memory, "after_wrap": dse.host_rss()})
             self.recipe = self._build_recipe(built)
             self.feed = self.recipe.batches(self.cfg, self.inputs.recipe_inputs, self.tokenizer, rank, self.world)
             if folder:
-                self.checkpointer.restore_progress(self.engine, self.scheduler, self.feed, Path(folder))
+                self.checkpointer.restore_progress(self.engine, self.scheduler, self.feed, folder)
         self.step = state["step"]
         self.metrics_log = MetricsLogger(self.layout.local_logs, enabled=rank == 0)
         self.rounds = None
@@ -217,8 +212,6 @@ class Trainer:
 
     def checkpoint(self, valid_metrics: dict[str, float]) -> None:
         """Log and report this step when it is a log or checkpoint step; at a checkpoint step, with a checkpoint."""
-        import ray.train
-
         tcfg, step = self.tcfg, self.step
         is_last = self.done
         is_log = step % tcfg.log_every == 0 or is_last or bool(valid_metrics)
@@ -233,10 +226,10 @@ class Trainer:
         self.metrics_log.log(step, {k: v for k, v in metrics.items() if k != "step"})
         self.window.reset()
         if not is_ckpt:
-            ray.train.report(metrics)
+            self.session.report(metrics)
             return
         self.checkpointer.report(self.engine, self.scheduler, self.feed, self.tokenizer, step, self.best.state(),
-                                 metrics)
+                                 metrics, self.session.report)
         self.layout.publish(self.rank)
 
     # ------------------------------------------------------------------ the end
